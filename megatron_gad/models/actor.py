@@ -1,0 +1,33 @@
+"""Actor (student policy) provider: one megatron-core ``GPTModel`` per pipeline stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_gad.models.transformer import ModelArgs, layer_spec
+
+
+def build_actor(config: Any, args: ModelArgs, pre_process: bool, post_process: bool):
+    """Build this stage's ``GPTModel``: embeddings on the first stage (``pre_process``), the final
+    norm and the vocab-parallel output layer on the last (``post_process``). Called on every rank.
+
+    With ``args.tie_word_embeddings`` the output layer shares the word embedding; at PP > 1
+    megatron-core keeps a copy on the last stage and all-reduces its gradient with the first.
+    Forward returns logits ``[B, S, padded_vocab / TP]`` on the last stage, hidden states on others.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(args.rotary_base),
+        rope_scaling=args.rope_scaling_factor is not None,
+        rope_scaling_factor=args.rope_scaling_factor or 8.0,
+    )
