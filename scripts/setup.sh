@@ -24,5 +24,5 @@ echo "[setup] installing torch==2.13.0 (CPU build) first"
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 echo "[setup] installing megatron_gad and its test dependencies"
 "$VENV/bin/python" -m pip install -q -e ".[test]"
-"$VENV/bin/python" -c "import torch, megatron.core; print(f'[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core; print(f'[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
 echo "$want" > "$STAMP"
