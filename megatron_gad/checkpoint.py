@@ -38,3 +38,144 @@ def load_model(chunks: Sequence[torch.nn.Module], directory: str, strict: bool =
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     state = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
     unwrap(chunks[0]).load_state_dict(state, strict=strict)
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints: models + optimizers of every role, trainer state, RNG; atomic marker.
+# --------------------------------------------------------------------------------------------
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+_STEP_DIR = "global_step_{}"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+def _role_state(chunks: Sequence[torch.nn.Module], optimizer, loading: bool) -> dict:
+    model_sd = model_sharded_state_dict(chunks)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=loading)
+    return state
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trainer_state: dict) -> str:
+    """Save ``roles`` (name -> (chunks, optimizer or None)) and ``trainer_state`` for ``step``.
+
+    Collective over all ranks. Writes into ``global_step_<step>.tmp``, renames it to
+    ``global_step_<step>`` once every rank has finished, and only then replaces
+    ``latest_checkpointed_iteration.txt`` (atomically): a run killed at any moment leaves the
+    marker on the last complete checkpoint. Returns the checkpoint directory.
+    """
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    rank = torch.distributed.get_rank()
+    final = os.path.join(root, _STEP_DIR.format(step))
+    tmp = final + ".tmp"
+    if rank == 0:
+        _remove(tmp)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    for name, (chunks, optimizer) in roles.items():
+        os.makedirs(os.path.join(tmp, name), exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(_role_state(chunks, optimizer, loading=False), os.path.join(tmp, name))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f)
+    torch.distributed.barrier()
+    if rank == 0:
+        _remove(final)
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(root, LATEST_FILE), str(step))
+    torch.distributed.barrier()
+    return final
+
+
+def resolve_resume(root: str, resume_mode: str) -> str | None:
+    """The checkpoint directory to resume from: ``auto`` (the latest marker, if any),
+    ``disable`` (None), or an explicit ``global_step_<N>`` path (must exist)."""
+    if resume_mode == "disable":
+        return None
+    if resume_mode == "auto":
+        marker = os.path.join(root, LATEST_FILE)
+        if not os.path.exists(marker):
+            return None
+        step = open(marker).read().strip()
+        path = os.path.join(root, _STEP_DIR.format(step))
+        if not step.isdigit() or not os.path.isdir(path):
+            raise CheckpointError(f"{marker} names step {step!r} but {path} is not a complete checkpoint")
+        return path
+    if not os.path.isdir(resume_mode) or not os.path.exists(os.path.join(resume_mode, "trainer_state.json")):
+        raise CheckpointError(f"trainer.resume_mode={resume_mode!r} is not a complete checkpoint directory")
+    return resume_mode
+
+
+def load_training_checkpoint(path: str, roles: dict[str, tuple]) -> dict:
+    """Load every role's model and optimizer and this rank's RNG state from ``path`` (collective);
+    return the trainer state saved with it."""
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    for name, (chunks, optimizer) in roles.items():
+        role_dir = os.path.join(path, name)
+        if not os.path.isdir(role_dir):
+            raise CheckpointError(f"checkpoint {path} has no state for role {name!r}")
+        state = dist_checkpointing.load(_role_state(chunks, optimizer, loading=True), role_dir)
+        unwrap(chunks[0]).load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank()}.pt")
+    if os.path.exists(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def clean_incomplete(root: str) -> list[str]:
+    """Remove ``global_step_*.tmp`` directories left by a run killed while saving (rank 0 only)."""
+    if not os.path.isdir(root):
+        return []
+    stale = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("global_step_") and d.endswith(".tmp")]
+    for path in stale:
+        _remove(path)
+    return stale
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
