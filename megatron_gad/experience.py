@@ -1,0 +1,115 @@
+"""One training step's experience: rollouts joined to their prompts, scores, advantages.
+
+Pure tensor code shared by the trainer and its tests. Rows are ordered prompt 0 x n, prompt 1 x n,
+... and ``group_index`` names each row's prompt, so GRPO normalises within the n responses of a
+prompt. Sequences are ``[prompt (left-padded, P) | response (right-padded, R)]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from megatron_gad.losses import gae_advantages, grpo_advantages
+from megatron_gad.models.critic import place_at_last_token
+from megatron_gad.models.inputs import position_ids_from_mask
+
+ADV_ESTIMATORS = ("grpo", "gae")
+
+
+@dataclass
+class Sequences:
+    """Prompt+response token sequences as every model consumes them (all ``[N, P + R]``)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    response_mask: Tensor  # [N, R]
+    prompt_length: int
+
+    @property
+    def responses(self) -> Tensor:
+        """Response token ids ``[N, R]``."""
+        return self.input_ids[:, self.prompt_length:]
+
+    def rows(self, index: Tensor | slice) -> "Sequences":
+        """The sub-batch of the given rows."""
+        return Sequences(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
+                         self.response_mask[index], self.prompt_length)
+
+
+def join(prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> Sequences:
+    """Join left-padded prompts ``[N, P]`` and right-padded responses ``[N, R]``.
+
+    The attention mask covers valid prompt and response tokens; position ids count valid tokens,
+    so a left-padded prompt starts at position 0 as in the rollout engine and in Hugging Face.
+    """
+    if prompt_ids.shape[0] != responses.shape[0]:
+        raise ValueError(f"{prompt_ids.shape[0]} prompts but {responses.shape[0]} responses")
+    response_mask = response_mask.to(prompt_mask.dtype)
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return Sequences(input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                     response_mask, prompt_ids.shape[1])
+
+
+@dataclass
+class Experience:
+    """Everything one step learns from, aligned row by row (``N = prompts * n``)."""
+
+    student: Sequences
+    group_index: Tensor  # [N] int64 prompt id
+    teacher: Sequences | None = None  # GAD: the prompt's teacher response, repeated per row
+    rollout_log_probs: Tensor | None = None  # [N, R] from the rollout engine
+    old_log_probs: Tensor | None = None  # [N, R] recomputed by the Megatron actor
+    ref_log_probs: Tensor | None = None  # [N, R] reference policy (KL)
+    scores: Tensor | None = None  # [N] discriminator scores or rewards of the student rows
+    teacher_scores: Tensor | None = None  # [N] discriminator scores of the teacher rows (GAD)
+    values: Tensor | None = None  # [N, R] value critic (GAE)
+    advantages: Tensor | None = None  # [N, R]
+    returns: Tensor | None = None  # [N, R] (GAE)
+    extra: dict = field(default_factory=dict)
+
+
+def compute_advantages(
+    estimator: str,
+    scores: Tensor,
+    group_index: Tensor,
+    response_mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    norm_by_std: bool = True,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor | None]:
+    """Token advantages ``[N, R]`` (and returns for GAE) from sequence scores ``[N]``.
+
+    ``grpo``: group-normalised scores broadcast over each row's valid response tokens.
+    ``gae``: the score is the reward of the last valid response token; ``values`` ``[N, R]`` are
+    required. Raises ValueError for an unknown estimator or missing values.
+    """
+    mask = response_mask.to(scores.dtype)
+    if estimator == "grpo":
+        adv = grpo_advantages(scores, group_index, norm_by_std=norm_by_std)
+        return adv.unsqueeze(1) * mask, None
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("adv_estimator 'gae' needs critic values (a value critic)")
+        rewards = place_at_last_token(scores, response_mask)
+        return gae_advantages(rewards, values, mask, gamma, lam)
+    raise ValueError(f"adv_estimator {estimator!r} is not one of {', '.join(ADV_ESTIMATORS)}")
+
+
+def teacher_forced_scores(group_index: Tensor, teacher_repeat: int) -> Tensor:
+    """The design's diagnostic: the j-th of the ``teacher_repeat`` copies of a prompt's teacher
+    response scores ``j`` (0..k-1), a known ranking for exercising the GRPO path. ``group_index``
+    ``[N]`` must hold each prompt's rows consecutively, ``teacher_repeat`` of them."""
+    n = group_index.numel()
+    if teacher_repeat < 1 or n % teacher_repeat:
+        raise ValueError(f"{n} rows cannot be split into groups of teacher_repeat={teacher_repeat}")
+    groups = group_index.view(-1, teacher_repeat)
+    if not bool((groups == groups[:, :1]).all()):
+        raise ValueError("rows of a prompt must be consecutive for the teacher-forced diagnostic")
+    return torch.arange(teacher_repeat, dtype=torch.float32).repeat(n // teacher_repeat)
