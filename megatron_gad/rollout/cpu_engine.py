@@ -1,0 +1,164 @@
+"""CPU rollout engine: a transformers causal LM updated in place from the exporter, sampled with
+its own KV-cached loop.
+
+Sampling per step: logits (float32, real vocab) -> divide by ``temperature`` -> keep the ``top_k``
+largest -> keep the smallest set of tokens whose probability reaches ``top_p`` -> renormalise ->
+sample. The returned ``rollout_log_probs`` are the log-probs of the sampled tokens under exactly
+that processed (renormalised) distribution, which is what vLLM returns with
+``logprobs_mode="processed_logprobs"``. With top_k/top_p disabled they equal
+``log_softmax(logits / temperature)`` (what the trainer recomputes). Greedy decoding takes the
+argmax and reports ``log_softmax(logits)`` (temperature 1, no filtering).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from megatron_gad.rollout.base import RolloutConfig, RolloutEngine, RolloutOutput, TokenSpec, WeightBucket
+
+
+class CPURolloutEngine(RolloutEngine):
+    """Rollout engine on a float32 transformers ``AutoModelForCausalLM`` (any device, CPU by default).
+
+    Built from the actor's HF config with random weights; :meth:`load_weights` must receive every
+    parameter before the first :meth:`generate`. Called on destination ranks of the exporter.
+    """
+
+    def __init__(self, cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec, device: str = "cpu") -> None:
+        from transformers import AutoModelForCausalLM
+
+        cfg.validate()
+        self.cfg = cfg
+        self.tokens = tokens
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(self.device).eval()
+        self.vocab_size = int(hf_config.vocab_size)
+        self._params = dict(self.model.named_parameters())
+        self.loaded = False
+        # transformers >= 5.x calls the KV cache ``cache``; 4.x calls it ``past_key_values``.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _cache_of(self, out: Any) -> Any:
+        return getattr(out, self._cache_kw)
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def load_weights(self, buckets: Iterable[WeightBucket], strict: bool = True) -> None:
+        """Copy each ``(hf_name, tensor)`` into the model's parameter of that name.
+
+        Consumes ``buckets`` lazily, one bucket at a time. Raises KeyError for an unknown name,
+        ValueError for a shape mismatch and, with ``strict``, ValueError listing parameters that
+        no bucket provided (a tied ``lm_head.weight`` is the embedding and needs no tensor).
+        """
+        seen: set[str] = set()
+        for bucket in buckets:
+            for name, tensor in bucket:
+                param = self._params.get(name)
+                if param is None:
+                    raise KeyError(f"CPU rollout engine: unknown weight {name!r} (not a parameter of the HF model)")
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"CPU rollout engine: weight {name!r} has shape {tuple(tensor.shape)}, "
+                        f"the model expects {tuple(param.shape)}"
+                    )
+                param.copy_(tensor)
+                seen.add(name)
+            del bucket
+        missing = sorted(set(self._params) - seen)
+        if strict and missing:
+            raise ValueError(f"CPU rollout engine: {len(missing)} weight(s) not received: {', '.join(missing[:5])}")
+        self.loaded = True
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, n: int | None = None,
+        greedy: bool = False, seed: int | None = None,
+    ) -> RolloutOutput:
+        """Sample ``n`` responses per left-padded prompt ([B, P]); see the module docstring."""
+        if not self.loaded:
+            raise RuntimeError("CPU rollout engine: load_weights must run before generate")
+        if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must be equal [B, P]")
+        n = self.cfg.n if n is None else n
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed if seed is None else seed)
+        ids = prompt_ids.to(self.device).repeat_interleave(n, dim=0)
+        mask = prompt_mask.to(self.device).long().repeat_interleave(n, dim=0)
+        tokens, logps, done_at = self._decode(ids, mask, greedy, gen)
+        return self._finish(tokens, logps, done_at)
+
+    def _decode(self, ids: Tensor, mask: Tensor, greedy: bool, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The KV-cached loop. Returns tokens [N, T], log-probs [N, T], and per row the number of
+        valid tokens (T where no EOS was sampled)."""
+        rows, limit = ids.shape[0], self.cfg.response_length
+        eos = torch.tensor(self.tokens.eos_token_ids, device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = self._cache_of(out), out.logits[:, -1, : self.vocab_size]
+        next_pos = positions[:, -1:] + 1
+        length = torch.full((rows,), limit, dtype=torch.long, device=self.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        tokens, logps = [], []
+        for step in range(limit):
+            token, logp = self._sample(logits.float(), greedy, gen)
+            token = torch.where(finished, torch.full_like(token, self.tokens.pad_token_id), token)
+            tokens.append(token)
+            logps.append(torch.where(finished, torch.zeros_like(logp), logp))
+            newly = ~finished & torch.isin(token, eos)
+            length[newly] = step + 1
+            finished |= newly
+            if bool(finished.all()) or step + 1 == limit:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                             use_cache=True, **{self._cache_kw: cache})
+            cache, logits = self._cache_of(out), out.logits[:, -1, : self.vocab_size]
+            next_pos = next_pos + 1
+        return torch.stack(tokens, 1), torch.stack(logps, 1), length
+
+    def _sample(self, logits: Tensor, greedy: bool, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One step: (token [N], log-prob [N]) from float32 logits [N, V]."""
+        if greedy:
+            token = logits.argmax(-1)
+            return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        logp = torch.log_softmax(filter_logits(logits / self.cfg.temperature, self.cfg.top_k, self.cfg.top_p), -1)
+        token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+    def _finish(self, tokens: Tensor, logps: Tensor, length: Tensor) -> RolloutOutput:
+        width = int(length.max())
+        steps = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        valid = steps < length[:, None]
+        tokens = torch.where(valid, tokens, torch.full_like(tokens, self.tokens.pad_token_id))[:, :width]
+        logps = torch.where(valid, logps, torch.zeros_like(logps))[:, :width]
+        eos = torch.tensor(self.tokens.eos_token_ids, device=tokens.device)
+        last = tokens.gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
+        reasons = ["stop" if bool(torch.isin(t, eos)) else "length" for t in last]
+        return RolloutOutput(
+            responses=tokens.cpu(), response_mask=valid[:, :width].long().cpu(),
+            rollout_log_probs=logps.float().cpu(), finish_reasons=reasons,
+        )
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf ([N, V] -> [N, V]).
+
+    ``top_k <= 0`` or ``>= V`` and ``top_p >= 1`` disable the filters. The nucleus keeps the most
+    likely tokens whose cumulative probability, before adding the token, is below ``top_p`` (so at
+    least one token always survives).
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
