@@ -1,0 +1,33 @@
+"""Reward functions: loading user files, the built-in demo reward, bad return values."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_gad.rewards import RewardFunctionError, load_reward_fn, score_responses
+
+
+def test_user_function_is_loaded_and_applied(tmp_path) -> None:
+    path = tmp_path / "my_reward.py"
+    path.write_text("def length_reward(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    "    return len(solution_str) / 10\n")
+    fn = load_reward_fn(str(path), "length_reward")
+    scores = score_responses(fn, ["abc", "abcdefghij"], ["d", "d"], [None, None])
+    assert scores.tolist() == pytest.approx([0.3, 1.0])
+
+
+def test_builtin_is_the_demo_exact_match() -> None:
+    fn = load_reward_fn(None)
+    scores = score_responses(fn, ["2 + 3 = 5. The answer is 5.", "The answer is 6."], ["demo", "demo"], ["5", "5"])
+    assert scores.tolist() == [1.0, 0.0]
+
+
+def test_errors_name_the_file_function_and_row(tmp_path) -> None:
+    with pytest.raises(RewardFunctionError, match="no such file"):
+        load_reward_fn(str(tmp_path / "missing.py"))
+    path = tmp_path / "r.py"
+    path.write_text("def other(a, b, c, d=None):\n    return 'high'\n")
+    with pytest.raises(RewardFunctionError, match=r"'compute_score' is not a function .* \(functions: other\)"):
+        load_reward_fn(str(path))
+    with pytest.raises(RewardFunctionError, match="for row 0"):
+        score_responses(load_reward_fn(str(path), "other"), ["x"], [None], [None])
