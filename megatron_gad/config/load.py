@@ -1,0 +1,108 @@
+"""Load a :class:`TrainConfig` from a YAML file plus dotted command-line overrides; save/print it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_gad.config.checks import merge_actor_keys, resolve_defaults, validate_config
+from megatron_gad.config.fields import ConfigError, check_override_path, flat_keys, from_dict, set_in, to_dict
+from megatron_gad.config.schema import TrainConfig
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; ConfigError naming the file otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse config file {path}: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], "value"); the value stays a string (typed later).
+
+    A leading ``+`` (Hydra's "add key") is accepted and ignored: every valid key already exists.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("+")
+    path = key.split(".")
+    if not sep or not key or any(not part for part in path):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    return path, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> set[str]:
+    """Apply dotted overrides to the raw mapping ``tree`` in order; returns the keys they set.
+
+    Each key is checked against the config tree first, so a misspelt override fails naming it.
+    """
+    keys = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        check_override_path(TrainConfig, path, f"override {text!r}")
+        set_in(tree, path, value)
+        keys.add(".".join(path))
+    return keys
+
+
+def load_config(yaml_path: str | None, overrides: Sequence[str] = (), world_size: int | None = None) -> TrainConfig:
+    """Build the run's config: defaults <- YAML file <- overrides, then resolve and check it.
+
+    ``overrides`` are ``dotted.key=value`` strings as on the command line (later ones win).
+    Values are typed by the dataclass fields. Raises :class:`ConfigError` (one line, naming the
+    key) for unknown keys, bad values and failed cross-field checks (see ``checks.py``). Called on
+    every rank, before any process group or model exists; ``world_size`` defaults to $WORLD_SIZE.
+    """
+    tree = read_yaml(yaml_path) if yaml_path else {}
+    yaml_keys = flat_keys(tree)
+    cli_keys = apply_overrides(tree, overrides)
+    source = f" (config file {yaml_path})" if yaml_path else ""
+    try:
+        cfg = from_dict(TrainConfig, tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{source}") from None
+    merge_actor_keys(cfg, yaml_keys, cli_keys)
+    resolve_defaults(cfg, yaml_keys | cli_keys)
+    validate_config(cfg, world_size)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config tree as plain data (dicts, lists, scalars) in field order."""
+    return to_dict(cfg)
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text, for printing at start-up."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
+
+
+def save_resolved(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config as YAML to ``path`` atomically (it loads back to an equal config).
+
+    Rank 0 calls it once per run (``<trainer.default_local_dir>/config.yaml``).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(format_config(cfg))
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

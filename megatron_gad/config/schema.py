@@ -1,0 +1,345 @@
+"""The training config tree: one dataclass per section, with the design's key names.
+
+Root sections: ``data``, ``algorithm``, ``actor_rollout_ref`` (``model``, ``actor``, ``rollout``,
+``ref``, ``megatron``), ``critic``, ``trainer``, ``custom_reward_function``. Every field carries a
+docstring; defaults are the design's (and verl's where the design is silent). Sections owned by
+components (data, rollout, engines) are imported from them as they land; the ones still defined
+here are listed in :data:`PLACEHOLDER_SECTIONS`.
+
+Batch-size convention (verl's): ``data.train_batch_size`` and ``ppo_mini_batch_size`` count
+PROMPTS; each prompt has ``rollout.n`` responses, so a mini-batch holds
+``ppo_mini_batch_size * n`` sequences, split over the data-parallel ranks, each of which runs
+micro-batches of ``ppo_micro_batch_size_per_gpu`` SEQUENCES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_gad.models.build import OptimConfig
+
+# Valid loss-mode names; these mirror megatron_gad.losses and switch to importing it once it lands.
+POLICY_LOSS_MODES: tuple[str, ...] = ("ppo", "gspo", "gspo_token")
+LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_KINDS: tuple[str, ...] = ("kl", "abs", "mse", "low_var_kl")
+LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
+
+#: Sections defined here because their component had not landed its own dataclass.
+PLACEHOLDER_SECTIONS: tuple[str, ...] = ("data", "actor_rollout_ref.actor", "actor_rollout_ref.rollout")
+
+
+def choices(options: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Field metadata restricting a str (or list[str]) field to ``options``."""
+    return {"choices": options}
+
+
+@dataclass
+class DataConfig:
+    """``data``: where prompts come from and how they are tokenized (placeholder section)."""
+
+    train_files: list[str] = field(default_factory=list)
+    """Parquet file(s) of training prompts (a YAML list, or a comma list on the command line)."""
+    val_files: list[str] = field(default_factory=list)
+    """Parquet file(s) of held-out prompts for validation (empty: no validation)."""
+    prompt_key: str = "prompt"
+    """Column holding the chat messages of the prompt (the design's examples use ``content``)."""
+    max_prompt_length: int = 512
+    """Prompts are left-padded (and, per ``truncation``, cut) to this many tokens."""
+    max_response_length: int = 512
+    """Responses (student and teacher) are right-padded/cut to this many tokens."""
+    train_batch_size: int = 256
+    """PROMPTS per training step (each gets ``actor_rollout_ref.rollout.n`` responses)."""
+    val_batch_size: int | None = None
+    """Prompts per validation batch (None: the whole validation set at once)."""
+    truncation: Literal["error", "left", "right"] = "error"
+    """What to do with a prompt longer than ``max_prompt_length``."""
+    filter_overlong_prompts: bool = False
+    """Drop over-long prompts at start-up instead of applying ``truncation``."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (seeded by ``trainer.seed``)."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``where.<field>`` for a non-positive size."""
+        for name in ("max_prompt_length", "max_response_length", "train_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class KLControlConfig:
+    """``algorithm.kl_ctrl``: the coefficient of the in-reward KL penalty."""
+
+    type: Literal["fixed", "adaptive"] = "fixed"
+    """``fixed`` keeps ``kl_coef``; ``adaptive`` steers it towards ``target_kl``."""
+    kl_coef: float = 0.001
+    """Initial (or fixed) coefficient of the KL penalty subtracted from the reward."""
+    horizon: int = 10000
+    """Adaptive controller horizon, in sequences."""
+    target_kl: float = 0.1
+    """Adaptive controller target KL."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """``algorithm``: how rewards/scores become advantages."""
+
+    adv_estimator: Literal["grpo", "gae"] = "grpo"
+    """``grpo``: group-normalised scores within a prompt's n responses; ``gae``: value critic + GAE."""
+    norm_adv_by_std_in_grpo: bool = True
+    """GRPO divides by the group's (unbiased) std; false: only subtracts the group mean."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 1.0
+    """GAE lambda."""
+    use_kl_in_reward: bool = False
+    """Subtract ``kl_ctrl.kl_coef * KL(actor || ref)`` from the token rewards."""
+    kl_penalty: str = field(default="kl", metadata=choices(KL_KINDS))
+    """Estimator of the in-reward KL penalty."""
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    """KL coefficient controller."""
+
+
+@dataclass
+class ModelConfig:
+    """``*.model``: the Hugging Face model a role starts from."""
+
+    path: str = ""
+    """HF model directory (config.json + safetensors). Critic: empty means the actor's path."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory (None: ``path``). Actor and critic must share the tokenizer."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Parameter dtype: ``auto`` is bfloat16 on GPU and float32 on CPU."""
+
+
+@dataclass
+class MegatronConfig:
+    """``*.megatron``: the Megatron parallel layout of a role."""
+
+    tensor_model_parallel_size: int = 1
+    """TP size; must divide the attention heads, the KV heads and 128 (the vocab pad multiple)."""
+    pipeline_model_parallel_size: int = 1
+    """PP size; must divide the number of layers."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``where.<field>`` for a size < 1."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ActorConfig:
+    """``actor_rollout_ref.actor``: the policy objective and its optimisation (placeholder)."""
+
+    policy_loss: str = field(default="gspo", metadata=choices(POLICY_LOSS_MODES))
+    """Policy objective: ``ppo`` (token ratio), ``gspo`` (sequence ratio), ``gspo_token``."""
+    loss_agg_mode: str = field(default="seq-mean-token-mean", metadata=choices(LOSS_AGG_MODES))
+    """How per-token losses are aggregated (GSPO needs ``seq-mean-token-mean``)."""
+    clip_ratio: float = 0.2
+    """Symmetric clip range of the importance ratio."""
+    clip_ratio_low: float | None = None
+    """Lower clip range (None: ``clip_ratio``); the GSPO paper uses 3e-4."""
+    clip_ratio_high: float | None = None
+    """Upper clip range (None: ``clip_ratio``); the GSPO paper uses 4e-4."""
+    clip_ratio_c: float = 3.0
+    """Dual-clip constant for ``ppo`` with negative advantages (> 1)."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    ppo_mini_batch_size: int = 256
+    """PROMPTS per optimizer step (times ``rollout.n`` sequences). See ``actor_rollout_ref``."""
+    ppo_micro_batch_size_per_gpu: int = 8
+    """SEQUENCES per micro-batch on each data-parallel rank."""
+    shuffle: bool = False
+    """Shuffle sequences across mini-batches within a step."""
+    entropy_coeff: float = 0.0
+    """Weight of the entropy bonus (0: entropy is only reported)."""
+    use_kl_loss: bool = False
+    """Add ``kl_loss_coef * KL(actor || ref)`` to the policy loss (needs the reference model)."""
+    kl_loss_coef: float = 0.001
+    """Weight of the KL loss."""
+    kl_loss_type: str = field(default="low_var_kl", metadata=choices(KL_KINDS))
+    """Estimator of the KL loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer of the actor."""
+
+
+@dataclass
+class RolloutConfig:
+    """``actor_rollout_ref.rollout``: response generation (placeholder section)."""
+
+    name: Literal["auto", "cpu", "vllm"] = "auto"
+    """Engine: ``vllm`` (GPU), ``cpu`` (transformers generation), ``auto`` picks by hardware."""
+    n: int = 8
+    """Responses sampled per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are computed at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Top-k sampling (-1: off)."""
+    response_length: int | None = None
+    """Max generated tokens (None: ``data.max_response_length``)."""
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    """Sequences per micro-batch when recomputing log-probs (None: the actor's micro batch)."""
+    tensor_model_parallel_size: int = 1
+    """vLLM's own TP size."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory vLLM may take."""
+    weight_sync_bucket_mb: int = 512
+    """Bucket size of the streaming weight export to the engine."""
+    val_temperature: float = 0.0
+    """Sampling temperature for validation (0: greedy)."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``where.<field>`` for an invalid sampling setting."""
+        if self.n < 1:
+            raise ValueError(f"{where}.n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RefConfig:
+    """``actor_rollout_ref.ref``: the frozen reference policy (same model and layout as the actor)."""
+
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    """Sequences per micro-batch for reference log-probs (None: the actor's micro batch)."""
+
+
+@dataclass
+class ActorRolloutRefConfig:
+    """``actor_rollout_ref``: the student policy, its rollout engine and its reference copy.
+
+    ``ppo_mini_batch_size``, ``ppo_micro_batch_size_per_gpu`` and ``ppo_epochs`` may be given here
+    (the design's place) or under ``actor`` (verl's place). A value from the command line beats
+    one from YAML; between two places in the same source, THIS place wins (no silent mix: a
+    conflict with different values is an error). After loading both places hold the value in force.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The student model."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """Policy objective and optimizer."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation engine and sampling."""
+    ref: RefConfig = field(default_factory=RefConfig)
+    """Reference policy (for KL terms)."""
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    """Parallel layout of the actor (the reference model shares it)."""
+    ppo_mini_batch_size: int | None = None
+    """Design's place for ``actor.ppo_mini_batch_size`` (PROMPTS per optimizer step)."""
+    ppo_micro_batch_size_per_gpu: int | None = None
+    """Design's place for ``actor.ppo_micro_batch_size_per_gpu`` (SEQUENCES per micro-batch)."""
+    ppo_epochs: int | None = None
+    """Design's place for ``actor.ppo_epochs``."""
+
+
+@dataclass
+class CriticConfig:
+    """``critic``: the discriminator (GAD data) or value model (standard data)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Scalar-head model; an empty path starts it from the actor's model (the GAD recipe)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer of the critic."""
+    ppo_epochs: int = 1
+    """Passes over each step's batch."""
+    ppo_mini_batch_size: int | None = None
+    """PROMPTS per critic optimizer step (None: the actor's)."""
+    ppo_micro_batch_size_per_gpu: int | None = None
+    """SEQUENCES per critic micro-batch per rank (None: the actor's)."""
+    cliprange_value: float = 0.5
+    """Clip range of the value loss (standard mode)."""
+    loss_agg_mode: str = field(default="token-mean", metadata=choices(LOSS_AGG_MODES))
+    """Aggregation of the value loss (standard mode)."""
+    teacher_repeat: int = 0
+    """Teacher-forced diagnostic: k > 0 gives the j-th of k teacher copies the synthetic value j."""
+    megatron: MegatronConfig | None = None
+    """Parallel layout of the critic (None: the actor's)."""
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: run length, warmups, checkpoints, logging."""
+
+    total_epochs: int = 1
+    """Passes over the training prompts."""
+    total_training_steps: int | None = None
+    """Cap on the number of steps (None: ``total_epochs`` decides)."""
+    critic_warmup: int = 0
+    """Steps 0..critic_warmup-1 train only the critic; the actor updates from this step on."""
+    generator_warmup_steps: int = 0
+    """Steps of generator SFT on teacher responses (critic trained alongside) before GAD."""
+    generator_warmup_epochs: int = 0
+    """Generator warmup in epochs over the training prompts (exclusive with ``..._steps``)."""
+    save_freq: int = -1
+    """Checkpoint every this many steps (-1: only at the end)."""
+    test_freq: int = -1
+    """Validate every this many steps (-1: never during training)."""
+    val_before_train: bool = True
+    """Validate once before the first step (when ``data.val_files`` is set)."""
+    default_local_dir: str = ""
+    """Run directory (metrics.jsonl, checkpoints); empty: checkpoints/<project>/<experiment>."""
+    resume_mode: str = "auto"
+    """``auto`` (latest checkpoint in default_local_dir, if any), ``disable``, or a checkpoint path."""
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"], metadata=choices(LOGGERS))
+    """Metric sinks; metrics.jsonl is always written."""
+    project_name: str = "megatron_gad"
+    """Project name (W&B project, default run directory)."""
+    experiment_name: str = "gad_gspo"
+    """Run name (W&B run, default run directory)."""
+    seed: int = 1
+    """Seed of data order, sampling and initialisation."""
+    max_consecutive_nonfinite: int = 3
+    """Stop after this many steps in a row with a non-finite loss (their updates are skipped)."""
+    teacher_forced_validation: bool = False
+    """Also report the actor's log-likelihood of the teacher responses at validation."""
+    export_hf: bool = True
+    """Export the trained actor as an HF directory (<default_local_dir>/actor_hf) at the end."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``where.<field>`` for an invalid count."""
+        if self.total_epochs < 1:
+            raise ValueError(f"{where}.total_epochs must be >= 1, got {self.total_epochs}")
+        for name in ("critic_warmup", "generator_warmup_steps", "generator_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.generator_warmup_steps and self.generator_warmup_epochs:
+            raise ValueError(f"{where}: set generator_warmup_steps or generator_warmup_epochs, not both")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"{where}.max_consecutive_nonfinite must be >= 1")
+
+
+@dataclass
+class RewardFunctionConfig:
+    """``custom_reward_function``: the reward of standard (non-GAD) data."""
+
+    path: str | None = None
+    """Python file defining the function (None: the built-in exact-match reward)."""
+    name: str = "compute_score"
+    """Function name in that file: ``(data_source, solution_str, ground_truth, extra_info) -> float``."""
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: every section of the config tree."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts, teacher responses and their tokenization."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Advantage estimation."""
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    """Student policy, rollout engine, reference policy."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """Discriminator (GAD) or value model (standard PPO)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Run length, warmups, checkpoints, logging."""
+    custom_reward_function: RewardFunctionConfig = field(default_factory=RewardFunctionConfig)
+    """Reward of standard (non-GAD) data."""
+
+
+#: The keys seed.md places directly under ``actor_rollout_ref`` that verl keeps in ``actor``.
+ACTOR_KEYS_AT_TOP: tuple[str, ...] = ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "ppo_epochs")
