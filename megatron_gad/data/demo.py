@@ -1,0 +1,348 @@
+"""Demo assets made locally: an addition task with a deterministic "teacher", a tiny tokenizer
+and tiny HF model configs, so GAD can be run end to end on a laptop without downloads.
+
+The task: prompts such as ``"What is 37 + 45?"`` (four phrasings), answered by the teacher
+program in one fixed style: ``"37 + 45 = 82. The answer is 82."``. Operands are drawn from
+``0..max_operand`` (default 49); train and validation pairs are disjoint. A tiny model learns the
+answer format within a few SFT steps, while getting the sum right takes real training, so a
+randomly initialised student starts well below the teacher.
+
+Layout written by :func:`generate_demo_assets` (``out_dir`` is replaced atomically)::
+
+    out_dir/
+      train.parquet  val.parquet                    GAD data (with ``teacher_response``)
+      train_standard.parquet  val_standard.parquet  the same prompts, no teacher (PPO / GSPO)
+      tokenizer/        HF tokenizer dir (word level, one token per digit, chat template)
+      student/          config.json (Llama, tied embeddings) + tokenizer files
+      discriminator/    config.json (same architecture, ``num_labels=1``) + tokenizer files
+      manifest.json     written last; its presence marks a complete set
+
+Everything is a pure function of the seed: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEMO_DATA_SOURCE = "demo_arith"
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+DEFAULT_SEED = 1
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+#: Jinja chat template: ``<s><|user|>question<|assistant|>``; assistant turns end with ``</s>``.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+PROMPT_PHRASINGS = (
+    "What is {a} + {b}?",
+    "Compute {a} + {b}.",
+    "Add {a} and {b}.",
+    "What is the sum of {a} and {b}?",
+)
+
+_ANSWER_RE = re.compile(r"The answer is\s+(-?\d+)")
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """Paths of a complete demo asset set (see the module docstring for the layout)."""
+
+    root: Path
+    train_file: Path
+    val_file: Path
+    train_standard_file: Path
+    val_standard_file: Path
+    tokenizer_dir: Path
+    student_dir: Path
+    discriminator_dir: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> "DemoAssets":
+        """The asset paths under ``root`` (whether or not they exist yet)."""
+        r = Path(root)
+        return cls(
+            root=r,
+            train_file=r / "train.parquet",
+            val_file=r / "val.parquet",
+            train_standard_file=r / "train_standard.parquet",
+            val_standard_file=r / "val_standard.parquet",
+            tokenizer_dir=r / "tokenizer",
+            student_dir=r / "student",
+            discriminator_dir=r / "discriminator",
+        )
+
+
+def teacher_answer(a: int, b: int) -> str:
+    """The teacher program: the one fixed answer style for ``a + b``."""
+    s = a + b
+    return f"{a} + {b} = {s}. The answer is {s}."
+
+
+def demo_reward(
+    data_source: str | None,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: dict[str, Any] | None = None,
+) -> float:
+    """Exact-match reward (verl-style signature): 1.0 when the last ``"The answer is N"`` in
+    ``solution_str`` has ``N == ground_truth``, else 0.0 (also 0.0 when there is no answer).
+
+    ``data_source`` and ``extra_info`` are accepted for signature compatibility and ignored.
+    """
+    del data_source, extra_info
+    if ground_truth is None or not isinstance(solution_str, str):
+        return 0.0
+    matches = _ANSWER_RE.findall(solution_str)
+    if not matches:
+        return 0.0
+    return 1.0 if matches[-1] == str(ground_truth).strip() else 0.0
+
+
+def sample_pairs(seed: int, n_train: int, n_val: int, max_operand: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct operand pairs for train ``[n_train, 2]`` and val ``[n_val, 2]``, disjoint."""
+    n_pairs = (max_operand + 1) ** 2
+    if n_train + n_val > n_pairs:
+        raise ValueError(
+            f"n_train + n_val = {n_train + n_val} exceeds the {n_pairs} distinct pairs of "
+            f"operands 0..{max_operand}; raise max_operand"
+        )
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(n_pairs, size=n_train + n_val, replace=False)
+    pairs = np.stack([flat // (max_operand + 1), flat % (max_operand + 1)], axis=1)
+    return pairs[:n_train], pairs[n_train:]
+
+
+def build_rows(pairs: np.ndarray, split: str, seed: int, with_teacher: bool) -> list[dict[str, Any]]:
+    """Rows in the verl-style format for ``pairs [N, 2]``; the phrasing is drawn per row."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    phrasing = rng.integers(0, len(PROMPT_PHRASINGS), size=len(pairs))
+    rows = []
+    for i, ((a, b), k) in enumerate(zip(pairs.tolist(), phrasing.tolist())):
+        row: dict[str, Any] = {
+            "prompt": [{"role": "user", "content": PROMPT_PHRASINGS[k].format(a=a, b=b)}],
+            "data_source": DEMO_DATA_SOURCE,
+            "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+            "extra_info": {"split": split, "index": i, "a": a, "b": b},
+        }
+        if with_teacher:
+            row["teacher_response"] = teacher_answer(a, b)
+        rows.append(row)
+    return rows
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write ``rows`` to ``path`` with a fixed schema and options (byte-reproducible)."""
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    fields = [("prompt", pa.list_(message))]
+    if "teacher_response" in rows[0]:
+        fields.append(("teacher_response", pa.string()))
+    fields += [
+        ("data_source", pa.string()),
+        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        (
+            "extra_info",
+            pa.struct([("split", pa.string()), ("index", pa.int64()), ("a", pa.int64()), ("b", pa.int64())]),
+        ),
+    ]
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+    pq.write_table(table, path, compression="snappy", row_group_size=len(rows))
+
+
+def train_tokenizer(corpus: list[str], out_dir: Path) -> int:
+    """Train a word-level tokenizer on ``corpus`` and save it as an HF tokenizer dir.
+
+    Words keep their leading space as ``▁`` (Metaspace) and every digit is its own token, so
+    decoding reproduces the text exactly. Returns the vocabulary size.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="always"), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.decoder = decoders.Metaspace(prepend_scheme="always")
+    specials = [PAD, UNK, BOS, EOS, *ROLE_TOKENS]
+    trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1, show_progress=False)
+    tok.train_from_iterator(["0 1 2 3 4 5 6 7 8 9", *corpus], trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side="left",
+        model_max_length=256,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(str(out_dir))
+    return tok.get_vocab_size()
+
+
+def write_model_configs(
+    root: Path,
+    tokenizer_dir: Path,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 384,
+) -> None:
+    """Write tiny Llama configs for ``student/`` and ``discriminator/`` (plus tokenizer files).
+
+    Both use the vocabulary of the tokenizer in ``tokenizer_dir``, tied embeddings and
+    multi-head attention; the discriminator config adds ``num_labels=1`` (scalar head).
+    """
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    for name, extra in (
+        ("student", {"architectures": ["LlamaForCausalLM"]}),
+        ("discriminator", {"architectures": ["LlamaForTokenClassification"], "num_labels": 1}),
+    ):
+        target = root / name
+        target.mkdir()
+        LlamaConfig(**common, **extra).save_pretrained(str(target))
+        for f in sorted(tokenizer_dir.iterdir()):
+            shutil.copyfile(f, target / f.name)
+
+
+def _write_all(
+    root: Path, seed: int, n_train: int, n_val: int, max_operand: int
+) -> dict[str, Any]:
+    """Write every asset into the (empty, existing) directory ``root``; return the manifest."""
+    assets = DemoAssets.at(root)
+    train_pairs, val_pairs = sample_pairs(seed, n_train, n_val, max_operand)
+    corpus: list[str] = []
+    for split, pairs, gad_path, std_path in (
+        ("train", train_pairs, assets.train_file, assets.train_standard_file),
+        ("val", val_pairs, assets.val_file, assets.val_standard_file),
+    ):
+        rows = build_rows(pairs, split, seed, with_teacher=True)
+        write_parquet(rows, gad_path)
+        write_parquet([{k: v for k, v in r.items() if k != "teacher_response"} for r in rows], std_path)
+        corpus += [r["prompt"][0]["content"] for r in rows] + [r["teacher_response"] for r in rows]
+    assets.tokenizer_dir.mkdir()
+    vocab_size = train_tokenizer(corpus, assets.tokenizer_dir)
+    write_model_configs(root, assets.tokenizer_dir)
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "max_operand": max_operand,
+        "vocab_size": vocab_size,
+        "data_source": DEMO_DATA_SOURCE,
+    }
+
+
+def generate_demo_assets(
+    out_dir: str | os.PathLike[str],
+    seed: int = DEFAULT_SEED,
+    n_train: int = 2000,
+    n_val: int = 200,
+    max_operand: int = 49,
+) -> DemoAssets:
+    """(Re)generate the demo assets in ``out_dir``, replacing what is there.
+
+    Everything is written into a temporary sibling directory that is renamed into place at the
+    end, so an interrupted run leaves either the old set or the new one, never half of one.
+    """
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
+    try:
+        manifest = _write_all(tmp, seed, n_train, n_val, max_operand)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return DemoAssets.at(out)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``. An existing demo set in ``out`` is moved aside, then deleted.
+
+    A non-empty ``out`` that is not a demo set is never deleted (ValueError). When another
+    process renamed its complete set into ``out`` first, that set is kept and ``tmp`` dropped.
+    """
+    old = None
+    if out.exists():
+        if read_manifest(out) is None and any(out.iterdir()):
+            raise ValueError(f"{out} exists and is not a demo asset directory; refusing to replace it")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if read_manifest(out) is None:
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a complete asset set in ``out_dir``, or None when there is none."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_demo_assets(
+    out_dir: str | os.PathLike[str], seed: int | None = None, force: bool = False
+) -> DemoAssets:
+    """Return the demo assets in ``out_dir``, generating them only when needed.
+
+    They are generated when ``out_dir`` has no complete set (no manifest), when ``force`` is set,
+    or when ``seed`` is given and differs from the seed of the existing set. With ``seed=None``
+    any complete existing set is accepted and a missing one is made with :data:`DEFAULT_SEED`.
+    Safe to call from several processes at once: each writes its own temporary directory and
+    the last rename wins, so readers always see a complete set.
+    """
+    manifest = read_manifest(out_dir)
+    fresh = (
+        manifest is not None
+        and manifest.get("format_version") == FORMAT_VERSION
+        and (seed is None or manifest.get("seed") == seed)
+    )
+    if fresh and not force:
+        return DemoAssets.at(Path(out_dir).absolute())
+    return generate_demo_assets(out_dir, seed=DEFAULT_SEED if seed is None else seed)
