@@ -326,13 +326,18 @@ def check_override_path(root: type, path: list[str], source: str) -> None:
 
 
 def set_in(tree: dict, path: list[str], value: Any) -> None:
-    """Set ``tree[path[0]][path[1]]... = value``, creating intermediate mappings."""
+    """Set ``tree[path[0]][path[1]]... = value``, creating absent (or null) intermediate mappings.
+
+    Raises ConfigError when an intermediate key holds a non-mapping value (e.g. ``data: 3``).
+    """
     node = tree
-    for key in path[:-1]:
+    for depth, key in enumerate(path[:-1]):
         child = node.get(key)
+        if child is None:
+            child = node[key] = {}
         if not isinstance(child, dict):
-            child = {}
-            node[key] = child
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"{where}: expected a mapping of keys for this section, got {child!r}")
         node = child
     node[path[-1]] = value
 

@@ -1,0 +1,140 @@
+"""Cross-field checks and inherited defaults, all before any model is built."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_gad.config import ConfigError, load_config
+
+BASE = ["data.train_files=/d/train.parquet", "actor_rollout_ref.model.path=/m/student",
+        "actor_rollout_ref.rollout.n=4"]  # train batch 256 = the default mini-batch (prompts)
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def _load(*overrides: str, world_size: int = 1, yaml_path: str | None = None):
+    return load_config(yaml_path, [*BASE, *overrides], world_size=world_size)
+
+
+def _fails(needle: str, *overrides: str, world_size: int = 1, yaml_path: str | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        _load(*overrides, world_size=world_size, yaml_path=yaml_path)
+    assert needle in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_required_keys_are_listed_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["actor_rollout_ref.rollout.n=4"])
+    assert "data.train_files is required" in str(err.value) and "actor_rollout_ref.model.path is required" in str(err.value)
+
+
+def test_mini_batch_counts_prompts_times_n_over_dp_and_micro() -> None:
+    ok = _load("actor_rollout_ref.ppo_mini_batch_size=8", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=8",
+               world_size=4)  # 8 prompts * 4 = 32 sequences, 8 per DP rank, 1 micro-batch
+    assert ok.actor_rollout_ref.actor.ppo_mini_batch_size == 8
+    _fails("data.train_batch_size=16 is not divisible by actor_rollout_ref.ppo_mini_batch_size=6",
+           "data.train_batch_size=16", "actor_rollout_ref.ppo_mini_batch_size=6", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=1")
+    _fails("3 * 4 = 12 sequences is not divisible by the data-parallel size 8",
+           "data.train_batch_size=15", "actor_rollout_ref.ppo_mini_batch_size=3",
+           "actor_rollout_ref.ppo_micro_batch_size_per_gpu=1", world_size=8)
+    _fails("is not divisible by actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",
+           "actor_rollout_ref.ppo_mini_batch_size=4", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=3", world_size=2)
+    _fails("critic.ppo_mini_batch_size * rollout.n", "actor_rollout_ref.ppo_mini_batch_size=8",
+           "actor_rollout_ref.ppo_micro_batch_size_per_gpu=8", "critic.ppo_mini_batch_size=1", world_size=8)
+    _fails("world size 6 is not divisible by actor_rollout_ref.actor TP x PP = 4",
+           "actor_rollout_ref.megatron.tensor_model_parallel_size=4", "actor_rollout_ref.ppo_mini_batch_size=16",
+           "actor_rollout_ref.ppo_micro_batch_size_per_gpu=4", world_size=6)
+
+
+def test_world_size_defaults_to_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("actor_rollout_ref.ppo_mini_batch_size=16", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=64")
+    load_config(None, [*BASE, *args])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="data-parallel rank per mini-batch"):
+        load_config(None, [*BASE, *args])
+
+
+def test_tp_and_pp_must_fit_the_model_config(tmp_path: Path) -> None:
+    model = tmp_path / "student"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3}))
+    sizes = ("actor_rollout_ref.ppo_mini_batch_size=16", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=8")
+    ok = _load(f"actor_rollout_ref.model.path={model}", "actor_rollout_ref.megatron.tensor_model_parallel_size=2",
+               *sizes, world_size=2)
+    assert ok.critic.megatron.tensor_model_parallel_size == 2  # critic inherits the actor's layout
+    msg = _fails("num_key_value_heads=2 is not divisible by TP=4", f"actor_rollout_ref.model.path={model}",
+                 "actor_rollout_ref.megatron.tensor_model_parallel_size=4", *sizes, world_size=4)
+    assert str(model) in msg
+    _fails("num_hidden_layers=3 is not divisible by PP=2", f"actor_rollout_ref.model.path={model}",
+           "actor_rollout_ref.megatron.pipeline_model_parallel_size=2", *sizes, world_size=2)
+    _fails("critic.megatron (TP=1, PP=1) differs from actor_rollout_ref.megatron (TP=2, PP=1)",
+           "actor_rollout_ref.megatron.tensor_model_parallel_size=2", "critic.megatron.tensor_model_parallel_size=1",
+           *sizes, world_size=2)
+
+
+def test_algorithm_combinations() -> None:
+    _fails("grpo needs actor_rollout_ref.rollout.n >= 2", "actor_rollout_ref.rollout.n=1")
+    _load("actor_rollout_ref.rollout.n=1", "algorithm.adv_estimator=gae")
+    for mode in ("gspo", "gspo_token"):
+        _fails(f"policy_loss={mode} with loss_agg_mode=seq-mean-token-sum", f"actor_rollout_ref.actor.policy_loss={mode}",
+               "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
+    _load("actor_rollout_ref.actor.policy_loss=ppo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
+
+
+def test_trainer_checks(tmp_path: Path) -> None:
+    _fails("trainer.resume_mode='/no/such/ckpt'", "trainer.resume_mode=/no/such/ckpt")
+    assert _load(f"trainer.resume_mode={tmp_path}").trainer.resume_mode == str(tmp_path)
+    _fails("trainer.save_freq must be -1 (off) or >= 1, got 0", "trainer.save_freq=0")
+    _fails("set generator_warmup_steps or generator_warmup_epochs, not both",
+           "trainer.generator_warmup_steps=2", "trainer.generator_warmup_epochs=1")
+    _fails("custom_reward_function.path: no such file", "custom_reward_function.path=/no/reward.py")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        _fails("trainer.logger includes 'tensorboard' but the 'tensorboard' package is not installed",
+               "trainer.logger=[console,tensorboard]")
+    else:
+        _load("trainer.logger=[console,tensorboard]")
+
+
+def test_inherited_defaults() -> None:
+    cfg = _load("data.max_response_length=24", "data.max_prompt_length=32", "trainer.seed=5",
+                "trainer.experiment_name=exp1")
+    assert cfg.actor_rollout_ref.rollout.response_length == 24
+    assert getattr(cfg.actor_rollout_ref.rollout, "prompt_length", 32) == 32
+    assert cfg.critic.model.path == "/m/student"
+    assert cfg.critic.ppo_mini_batch_size == cfg.actor_rollout_ref.actor.ppo_mini_batch_size
+    assert cfg.trainer.default_local_dir.endswith("megatron_gad/exp1")
+    cfg = _load("data.max_response_length=24", "actor_rollout_ref.rollout.response_length=16")
+    assert cfg.actor_rollout_ref.rollout.response_length == 16
+
+
+def test_design_place_and_verl_place_of_ppo_batch_keys(tmp_path: Path) -> None:
+    """actor_rollout_ref.<k> (design) vs actor_rollout_ref.actor.<k> (verl): CLI beats YAML;
+    within one source the design's place wins; different values in one source are refused."""
+    def yaml_file(arr: dict) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"actor_rollout_ref": arr}))
+        return str(path)
+
+    cfg = _load(yaml_path=yaml_file({"ppo_mini_batch_size": 8, "ppo_epochs": 2}))
+    arr = cfg.actor_rollout_ref
+    assert arr.actor.ppo_mini_batch_size == arr.ppo_mini_batch_size == 8 and arr.actor.ppo_epochs == 2
+    cfg = _load(yaml_path=yaml_file({"actor": {"ppo_mini_batch_size": 4}}))
+    assert cfg.actor_rollout_ref.ppo_mini_batch_size == cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 4
+    _fails("actor_rollout_ref.ppo_mini_batch_size=8 and actor_rollout_ref.actor.ppo_mini_batch_size=4 are both set",
+           yaml_path=yaml_file({"ppo_mini_batch_size": 8, "actor": {"ppo_mini_batch_size": 4}}))
+    path = yaml_file({"ppo_mini_batch_size": 8})
+    assert _load("actor_rollout_ref.actor.ppo_mini_batch_size=4", yaml_path=path).actor_rollout_ref.ppo_mini_batch_size == 4
+    path = yaml_file({"actor": {"ppo_mini_batch_size": 4}})
+    assert _load("actor_rollout_ref.ppo_mini_batch_size=8", yaml_path=path).actor_rollout_ref.actor.ppo_mini_batch_size == 8
+    _fails("both set in the command line", "actor_rollout_ref.ppo_epochs=1", "actor_rollout_ref.actor.ppo_epochs=2")
