@@ -1,0 +1,55 @@
+"""Convert a megatron_gad checkpoint (written by hf_to_megatron.py) into a Hugging Face directory.
+
+    python checkpoint_tools/megatron_to_hf.py --megatron-dir DIR --out DIR [--max-shard-size 5GB]
+    torchrun --nproc_per_node 4 checkpoint_tools/megatron_to_hf.py --megatron-dir DIR --out DIR --tp 2 --pp 2
+
+Writes config.json (``<Arch>ForCausalLM``, or ``<Arch>ForSequenceClassification`` with
+``num_labels=1`` for a critic), ``model.safetensors`` or shards with an index, and the tokenizer
+files kept in the Megatron directory. Exit 2 with a one-line message on a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from megatron_gad import convert
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--megatron-dir", required=True, help="checkpoint written by hf_to_megatron.py")
+    p.add_argument("--out", required=True, help="HF directory to create (must not exist)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB, 5GB")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run (under torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (under torchrun)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the HF tensors (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = parse_args(argv)
+
+    def preflight() -> None:
+        convert.preflight_megatron(args.megatron_dir, args.tp, args.pp)
+        convert.parse_size(args.max_shard_size)
+
+    def work() -> int:
+        start = time.perf_counter()
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        convert.megatron_to_hf(args.megatron_dir, args.out, max_shard_size=args.max_shard_size, dtype=dtype)
+        if convert._rank() == 0:
+            print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
+        return 0
+
+    return convert.run_cli(preflight, work, args.tp, args.pp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

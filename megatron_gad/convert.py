@@ -1,0 +1,537 @@
+"""Checkpoint conversion between Hugging Face directories and Megatron ``dist_checkpointing``.
+
+The CLIs in ``checkpoint_tools/`` are thin wrappers around this module:
+
+- :func:`hf_to_megatron` reads ``config.json`` + safetensors (one file, shards with an index, or
+  shards without one), fills this rank's (TP/PP-sharded) model stage tensor by tensor from lazily
+  read HF tensors, and saves with :func:`megatron_gad.checkpoint.save_model`. The Megatron
+  directory also gets the HF ``config.json``, tokenizer files and ``megatron_gad_meta.json``
+  (role, architecture, dtype) so it can be turned back into HF form without the source directory.
+- :func:`megatron_to_hf` loads a checkpoint at this run's layout, gathers full tensors per stage
+  (:func:`megatron_gad.models.sharding.full_tensors`), maps them to HF names and writes safetensors
+  shards (one writer per pipeline stage) plus an index when there is more than one file.
+- :func:`verify_logits` runs the HF model and the Megatron model on the same random tokens.
+
+Every function taking a model is collective (all ranks, after ``init_distributed``); the
+``preflight_*`` checks are cheap, local and run before any process group exists. Output is
+written to ``<out>.tmp-<pid>`` and renamed at the end: a failure leaves no output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_gad.models import hf_mapping as hfm
+from megatron_gad.models.transformer import model_args_from_hf, transformer_config_from_hf
+
+META_FILE = "megatron_gad_meta.json"
+INDEX_FILE = "model.safetensors.index.json"
+AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+class ConversionError(ValueError):
+    """A user-caused problem with a conversion's inputs or outputs (the CLIs exit 2 on it)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading Hugging Face directories
+# ----------------------------------------------------------------------------------------------
+
+
+def read_hf_config(directory: str) -> Any:
+    """``AutoConfig`` of ``directory``; ConversionError when the directory or config is missing,
+    UnsupportedModelError for an architecture we cannot build."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(directory):
+        raise ConversionError(f"directory {directory!r} does not exist")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ConversionError(f"{directory!r} has no config.json")
+    config = AutoConfig.from_pretrained(directory)
+    model_args_from_hf(config)
+    return config
+
+
+def locate_safetensors(hf_dir: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file path: from ``model.safetensors.index.json`` when present,
+    else ``model.safetensors``, else every ``*.safetensors`` file (names must not repeat)."""
+    from safetensors import safe_open
+
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        for file in set(weight_map.values()):
+            if not os.path.isfile(os.path.join(hf_dir, file)):
+                raise ConversionError(f"{INDEX_FILE} names {file!r}, which does not exist in {hf_dir!r}")
+        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+    single = os.path.join(hf_dir, "model.safetensors")
+    files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+        raise ConversionError(f"{hf_dir!r} has no *.safetensors files")
+    out: dict[str, str] = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                if name in out:
+                    raise ConversionError(f"tensor {name!r} appears in both {out[name]!r} and {path!r}")
+                out[name] = path
+    return out
+
+
+class SafetensorsReader:
+    """Lazy, name-addressed access to an HF directory's safetensors tensors (any rank)."""
+
+    def __init__(self, hf_dir: str) -> None:
+        self.files = locate_safetensors(hf_dir)
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise hfm.MappingError(f"tensor {name!r} is missing from the HF checkpoint")
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the file header, without reading the data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> Tensor:
+        """Read one tensor."""
+        return self._handle(name).get_tensor(name)
+
+
+def preflight_hf(hf_dir: str, role: str, tp: int = 1, pp: int = 1) -> tuple[Any, SafetensorsReader]:
+    """Check an HF directory for conversion at TP x PP without reading tensor data: config,
+    architecture, layout divisibility, the exact tensor key set and every shape. Raises
+    ConversionError / MappingError / UnsupportedModelError with a one-line message."""
+    config = read_hf_config(hf_dir)
+    _check_layout(config, tp, pp)
+    reader = SafetensorsReader(hf_dir)
+    hfm.check_hf_keys(reader.files.keys(), config, role)
+    for name, shape in hfm.hf_expected_shapes(config, role).items():
+        if reader.shape(name) != shape:
+            raise hfm.MappingError(f"tensor {name!r} has shape {reader.shape(name)}, expected {shape} (from config.json)")
+    return config, reader
+
+
+def _check_layout(config: Any, tp: int, pp: int) -> None:
+    try:
+        transformer_config_from_hf(config, tp=tp, pp=pp, params_dtype=torch.float32)
+    except ValueError as e:
+        raise ConversionError(f"TP={tp} x PP={pp} cannot divide the model: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Output directories and models
+# ----------------------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str) -> Iterator[str]:
+    """Yield a temporary directory ``<out>.tmp-<pid of rank 0>`` (collective); it becomes ``out``
+    when the block succeeds on every rank and is removed when it raises on rank 0."""
+    if os.path.exists(out):
+        raise ConversionError(f"output {out!r} already exists")
+    pid = [os.getpid()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(pid, src=0)
+    tmp = f"{os.path.abspath(out)}.tmp-{pid[0]}"
+    if _rank() == 0:
+        os.makedirs(tmp)
+    _barrier()
+    try:
+        yield tmp
+        _barrier()
+        if _rank() == 0:
+            os.rename(tmp, out)
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_stage(config: Any, role: str, dtype: torch.dtype) -> torch.nn.Module:
+    """This rank's stage of the actor or critic at the current TP/PP layout (collective)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_gad.models.actor import build_actor
+    from megatron_gad.models.critic import build_critic
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    cfg = transformer_config_from_hf(config, tp=tp, pp=pp, params_dtype=dtype)
+    builder = build_actor if role == "actor" else build_critic
+    model = builder(cfg, model_args_from_hf(config), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _progress(iterable: Any, desc: str, total: int | None = None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="tensor", disable=_rank() != 0, leave=False)
+
+
+def _copy_aux_files(src: str, dst: str) -> None:
+    for name in AUX_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+# ----------------------------------------------------------------------------------------------
+# HF -> Megatron
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_for_rank(name: str, full: Tensor, param: Tensor, tp: int, tp_rank: int) -> Tensor:
+    """This TP rank's slice of the full tensor ``name`` for ``param`` (split along
+    ``param.partition_dim``; fc1 takes ``[gate_r; up_r]``); raises MappingError on a shape
+    mismatch. Replicated parameters get ``full``."""
+    from megatron_gad.models.sharding import is_tp_sharded
+
+    part = full
+    if tp > 1 and is_tp_sharded(param):
+        dim = int(param.partition_dim)
+        if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+            gate, up = full.chunk(2, dim=dim)
+            part = torch.cat([gate.chunk(tp, dim=dim)[tp_rank], up.chunk(tp, dim=dim)[tp_rank]], dim=dim)
+        else:
+            part = full.chunk(tp, dim=dim)[tp_rank]
+    if part.shape != param.shape:
+        raise hfm.MappingError(f"tensor {name!r}: slice {tuple(part.shape)} does not fit parameter {tuple(param.shape)}")
+    return part
+
+
+def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config: Any, role: str) -> int:
+    """Copy every parameter of this rank's stage from the HF tensors (TP slice; the tied output
+    layer of a last stage at PP > 1 takes the word embedding). Returns the bytes read."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_gad.models.sharding import global_name, layer_offset
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset = layer_offset(model)
+    nbytes = 0
+
+    def get(name: str) -> Tensor:
+        nonlocal nbytes
+        t = reader.get(name)
+        nbytes += t.numel() * t.element_size()
+        return t
+
+    params = list(model.named_parameters())
+    with torch.no_grad():
+        for local, param in _progress(params, "hf -> megatron"):
+            name = global_name(local, offset)
+            full = hfm.megatron_tensor_from_hf(name, get, config, role)
+            if full is None:  # tied output layer on the last stage (PP > 1)
+                full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role)
+            param.copy_(shard_for_rank(name, full, param, tp, tp_rank))
+    return nbytes
+
+
+def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtype | None = None) -> dict:
+    """Convert an HF directory into a Megatron checkpoint at ``out`` (collective, any TP/PP).
+
+    ``dtype`` of the saved parameters defaults to the HF tensors' dtype. Returns a summary
+    (bytes read on this rank, number of parameters). Raises ConversionError / MappingError."""
+    config, reader = preflight_hf(hf_dir, role, *_layout())
+    dtype = dtype or reader.get("model.norm.weight").dtype
+    with atomic_output_dir(out) as tmp:
+        model = build_stage(config, role, dtype)
+        nbytes = fill_stage_from_hf(model, reader, config, role)
+        from megatron_gad.checkpoint import save_model
+
+        save_model([model], tmp)
+        if _rank() == 0:
+            config.save_pretrained(tmp)
+            _copy_aux_files(hf_dir, tmp)
+            meta = {"format": 1, "role": role, "architecture": config.model_type, "dtype": str(dtype).removeprefix("torch.")}
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=1)
+    return {"bytes_read": nbytes, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _layout() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron -> HF
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MegatronMeta:
+    """What ``megatron_gad_meta.json`` records about a converted checkpoint."""
+
+    role: str
+    architecture: str
+    dtype: torch.dtype
+
+
+def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any, MegatronMeta]:
+    """Check a Megatron directory written by :func:`hf_to_megatron` (config, meta, checkpoint
+    metadata, layout divisibility) without loading tensors. Raises ConversionError."""
+    config = read_hf_config(megatron_dir)
+    meta_path = os.path.join(megatron_dir, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise ConversionError(f"{megatron_dir!r} has no {META_FILE} (not written by hf_to_megatron)")
+    if not os.path.isfile(os.path.join(megatron_dir, "metadata.json")):
+        raise ConversionError(f"{megatron_dir!r} has no dist_checkpointing metadata.json")
+    with open(meta_path) as f:
+        raw = json.load(f)
+    if raw.get("role") not in hfm.ROLES:
+        raise ConversionError(f"{meta_path}: role {raw.get('role')!r} is not one of {hfm.ROLES}")
+    _check_layout(config, tp, pp)
+    return config, MegatronMeta(raw["role"], raw["architecture"], getattr(torch, raw.get("dtype", "float32")))
+
+
+def load_stage(megatron_dir: str, config: Any, role: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Build this rank's stage and load the checkpoint into it (collective)."""
+    from megatron_gad.checkpoint import load_model
+
+    model = build_stage(config, role, dtype)
+    load_model([model], megatron_dir)
+    return model
+
+
+def hf_tensors_of_stage(model: torch.nn.Module, config: Any, role: str) -> Iterator[tuple[str, Tensor]]:
+    """Yield this stage's tensors under HF names (collective over the TP group: every TP rank
+    iterates; all get the same tensors)."""
+    from megatron_gad.models.sharding import full_tensors
+
+    total = sum(1 for _ in model.parameters())
+    for name, full in _progress(full_tensors(model), "megatron -> hf", total=total):
+        yield from hfm.megatron_to_hf_tensors(name, full, config, role)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"500MB"``, ``"5GB"``, ``"123"`` (bytes) -> bytes; None stays None (no sharding)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    s = text.strip().upper()
+    for unit, scale in units.items():
+        if s.endswith(unit):
+            s, mult = s[: -len(unit)], scale
+            break
+    else:
+        mult = 1
+    try:
+        return int(float(s) * mult)
+    except ValueError:
+        raise ConversionError(f"--max-shard-size {text!r} is not a size like 500MB or 5GB") from None
+
+
+class _ShardWriter:
+    """Write HF tensors into safetensors files of at most ``max_bytes`` each (one writer rank)."""
+
+    def __init__(self, directory: str, prefix: str, max_bytes: int | None) -> None:
+        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str], int]] = []  # (file name, tensor names, bytes)
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.max_bytes is not None and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        file = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.directory, file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def _finish_shards(directory: str, files: list[tuple[str, list[str], int]]) -> None:
+    """Rank 0: rename the writers' files to ``model.safetensors`` or ``model-0000i-of-0000n`` and
+    write the index when there is more than one."""
+    if len(files) == 1:
+        os.rename(os.path.join(directory, files[0][0]), os.path.join(directory, "model.safetensors"))
+        return
+    weight_map, total = {}, 0
+    for i, (file, names, nbytes) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.rename(os.path.join(directory, file), os.path.join(directory, final))
+        weight_map.update({n: final for n in names})
+        total += nbytes
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+
+
+def hf_output_config(config: Any, role: str, dtype: torch.dtype) -> Any:
+    """A copy of ``config`` for the exported directory: ``<Arch>ForCausalLM`` for the actor,
+    ``<Arch>ForSequenceClassification`` with ``num_labels=1`` for the critic."""
+    import copy
+
+    out = copy.deepcopy(config)
+    prefix = _CLASS_PREFIX[config.model_type]
+    out.architectures = [f"{prefix}ForCausalLM" if role == "actor" else f"{prefix}ForSequenceClassification"]
+    if role == "critic":
+        out.num_labels = 1
+    out.dtype = dtype
+    return out
+
+
+def megatron_to_hf(megatron_dir: str, out: str, max_shard_size: str | int | None = "5GB",
+                   dtype: torch.dtype | None = None) -> dict:
+    """Convert a Megatron checkpoint written by :func:`hf_to_megatron` to an HF directory
+    (collective, any TP/PP; the TP-rank-0, DP-rank-0 rank of every stage writes that stage's
+    shards). Returns a summary with the bytes this rank wrote."""
+    from megatron.core import parallel_state as ps
+
+    config, meta = preflight_megatron(megatron_dir, *_layout())
+    dtype = dtype or meta.dtype
+    max_bytes = parse_size(max_shard_size)
+    writer_rank = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    with atomic_output_dir(out) as tmp:
+        model = load_stage(megatron_dir, config, meta.role, meta.dtype)
+        writer = _ShardWriter(tmp, f"part-{ps.get_pipeline_model_parallel_rank():05d}", max_bytes)
+        for name, tensor in hf_tensors_of_stage(model, config, meta.role):
+            if writer_rank:
+                writer.add(name, tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True))
+        writer.flush()
+        files: list = [writer.files]
+        if dist.is_initialized():
+            files = [None] * dist.get_world_size()
+            dist.all_gather_object(files, writer.files)
+        if _rank() == 0:
+            _finish_shards(tmp, [f for per_rank in files for f in per_rank])
+            hf_output_config(config, meta.role, dtype).save_pretrained(tmp)
+            _copy_aux_files(megatron_dir, tmp)
+    return {"bytes_written": sum(b for _, _, b in writer.files)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_reference_outputs(hf_dir: str, role: str, ids: Tensor) -> Tensor:
+    """HF model outputs in fp32: logits ``[B, S, vocab]`` (actor) or per-token scores ``[B, S]``
+    (critic: ``score(model(ids).last_hidden_state)``, the hidden state after the final norm)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.no_grad():
+        if role == "actor":
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+            return model(input_ids=ids).logits.float()
+        model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, num_labels=1)
+        return model.score(model.model(input_ids=ids).last_hidden_state).squeeze(-1).float()
+
+
+def megatron_outputs(model: torch.nn.Module, ids: Tensor) -> Tensor | None:
+    """Forward ``ids`` ``[B, S]`` through the pipeline (collective). Returns, on last-stage ranks,
+    TP-gathered logits ``[B, S, padded_vocab]`` (actor) or scores ``[B, S]`` (critic); None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gad.models.inputs import attention_mask_4d, position_ids_from_mask
+
+    mask = torch.ones_like(ids)
+    dev = next(model.parameters()).device
+    outputs: list[Tensor] = []
+
+    def forward_step(data_iterator: Iterator, chunk: torch.nn.Module) -> tuple:
+        batch = next(data_iterator).to(dev)
+        out = chunk(input_ids=batch, position_ids=position_ids_from_mask(mask).to(dev),
+                    attention_mask=attention_mask_4d(mask).to(dev))
+
+        def loss_func(output: Tensor) -> tuple:
+            if output.dim() == 3:
+                output = tensor_parallel.gather_from_tensor_model_parallel_region(output)
+            outputs.append(output.detach().float().cpu())
+            return output.sum() * 0.0, {}
+
+        return out, loss_func
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([ids]), model=[model], num_microbatches=1,
+            seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True,
+        )
+    return outputs[0] if ps.is_pipeline_last_stage() else None
+
+
+def verify_logits(hf_dir: str, megatron_dir: str, batch: int = 2, seq: int = 16, seed: int = 0) -> float:
+    """Max absolute difference between HF and Megatron outputs (fp32) on the same random tokens,
+    over the real vocab columns (collective; every rank returns the same value)."""
+    config, meta = preflight_megatron(megatron_dir, *_layout())
+    hf_config = read_hf_config(hf_dir)
+    vocab = int(hf_config.vocab_size)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    model = load_stage(megatron_dir, config, meta.role, torch.float32)
+    got = megatron_outputs(model, ids)
+    diff = torch.zeros(())
+    if got is not None:
+        ref = hf_reference_outputs(hf_dir, meta.role, ids)
+        got = got[..., :vocab] if meta.role == "actor" else got
+        diff = (got - ref).abs().max()
+    if dist.is_initialized():
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI runner
+# ----------------------------------------------------------------------------------------------
+
+
+def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, pp: int = 1) -> int:
+    """Run a converter CLI on this process (one process, or one torchrun rank): ``preflight()``
+    before any process group, then ``init_distributed(tp, pp)``, ``work()`` and teardown.
+    A user error prints ``error: <message>`` on one line to stderr and returns 2."""
+    import signal
+    import sys
+
+    from megatron_gad.runtime.distributed import destroy_distributed, init_distributed
+
+    # torchrun stops the other ranks with SIGTERM when one fails: unwind so temporary output goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        preflight()
+        init_distributed(tp=tp, pp=pp)
+        try:
+            return work()
+        finally:
+            destroy_distributed()
+    except (ValueError, FileNotFoundError) as e:  # ConversionError, MappingError, UnsupportedModelError
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
