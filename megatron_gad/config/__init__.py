@@ -5,6 +5,7 @@ dataclasses (``data``, ``algorithm``, ``actor_rollout_ref``, ``critic``, ``train
 ``custom_reward_function``). Errors a user can cause raise :class:`ConfigError` naming the key.
 """
 
+from megatron_gad.config.checks import validate_config
 from megatron_gad.config.fields import ConfigError
 from megatron_gad.config.load import (
     apply_overrides,
@@ -51,4 +52,5 @@ __all__ = [
     "load_config",
     "parse_override",
     "save_resolved",
+    "validate_config",
 ]

@@ -46,7 +46,8 @@ def resolve_defaults(cfg: TrainConfig, given: set[str] = frozenset()) -> None:
     """Fill the values that default to another section's (documented on each field).
 
     ``given`` holds the dotted keys the user set (YAML or command line); a key in it is kept.
-    The rollout's prompt/response lengths follow ``data`` and its seed follows ``trainer.seed``.
+    The rollout's prompt/response lengths follow ``data``; the rollout's and the data order's
+    seeds follow ``trainer.seed``.
     """
     arr, critic, trainer, rollout = cfg.actor_rollout_ref, cfg.critic, cfg.trainer, cfg.actor_rollout_ref.rollout
     if not critic.model.path:
@@ -63,6 +64,8 @@ def resolve_defaults(cfg: TrainConfig, given: set[str] = frozenset()) -> None:
         if hasattr(rollout, key) and (f"actor_rollout_ref.rollout.{key}" not in given
                                       or getattr(rollout, key) is None):
             setattr(rollout, key, value)
+    if "data.seed" not in given:
+        cfg.data.seed = trainer.seed
     if not trainer.default_local_dir:
         trainer.default_local_dir = os.path.join("checkpoints", trainer.project_name, trainer.experiment_name)
 

@@ -3,8 +3,9 @@
 Root sections: ``data``, ``algorithm``, ``actor_rollout_ref`` (``model``, ``actor``, ``rollout``,
 ``ref``, ``megatron``), ``critic``, ``trainer``, ``custom_reward_function``. Every field carries a
 docstring; defaults are the design's (and verl's where the design is silent). Sections owned by
-components (data, rollout, engines) are imported from them as they land; the ones still defined
-here are listed in :data:`PLACEHOLDER_SECTIONS`.
+components are the components' own dataclasses: ``data`` (:mod:`megatron_gad.data.config`),
+``actor_rollout_ref.rollout`` (:mod:`megatron_gad.rollout.base`), ``*.optim``
+(:mod:`megatron_gad.models.build`); the ones still defined here are in :data:`PLACEHOLDER_SECTIONS`.
 
 Batch-size convention (verl's): ``data.train_batch_size`` and ``ppo_mini_batch_size`` count
 PROMPTS; each prompt has ``rollout.n`` responses, so a mini-batch holds
@@ -17,53 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_gad.data.config import DataConfig
+from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_MODES
 from megatron_gad.models.build import OptimConfig
+from megatron_gad.rollout.base import RolloutConfig
 
-# Valid loss-mode names; these mirror megatron_gad.losses and switch to importing it once it lands.
-POLICY_LOSS_MODES: tuple[str, ...] = ("ppo", "gspo", "gspo_token")
-LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_KINDS: tuple[str, ...] = ("kl", "abs", "mse", "low_var_kl")
 LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
 
 #: Sections defined here because their component had not landed its own dataclass.
-PLACEHOLDER_SECTIONS: tuple[str, ...] = ("data", "actor_rollout_ref.actor", "actor_rollout_ref.rollout")
+PLACEHOLDER_SECTIONS: tuple[str, ...] = ("actor_rollout_ref.actor", "critic")
 
 
 def choices(options: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Field metadata restricting a str (or list[str]) field to ``options``."""
     return {"choices": options}
-
-
-@dataclass
-class DataConfig:
-    """``data``: where prompts come from and how they are tokenized (placeholder section)."""
-
-    train_files: list[str] = field(default_factory=list)
-    """Parquet file(s) of training prompts (a YAML list, or a comma list on the command line)."""
-    val_files: list[str] = field(default_factory=list)
-    """Parquet file(s) of held-out prompts for validation (empty: no validation)."""
-    prompt_key: str = "prompt"
-    """Column holding the chat messages of the prompt (the design's examples use ``content``)."""
-    max_prompt_length: int = 512
-    """Prompts are left-padded (and, per ``truncation``, cut) to this many tokens."""
-    max_response_length: int = 512
-    """Responses (student and teacher) are right-padded/cut to this many tokens."""
-    train_batch_size: int = 256
-    """PROMPTS per training step (each gets ``actor_rollout_ref.rollout.n`` responses)."""
-    val_batch_size: int | None = None
-    """Prompts per validation batch (None: the whole validation set at once)."""
-    truncation: Literal["error", "left", "right"] = "error"
-    """What to do with a prompt longer than ``max_prompt_length``."""
-    filter_overlong_prompts: bool = False
-    """Drop over-long prompts at start-up instead of applying ``truncation``."""
-    shuffle: bool = True
-    """Shuffle the training prompts each epoch (seeded by ``trainer.seed``)."""
-
-    def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where.<field>`` for a non-positive size."""
-        for name in ("max_prompt_length", "max_response_length", "train_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -162,43 +130,6 @@ class ActorConfig:
     """Estimator of the KL loss."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer of the actor."""
-
-
-@dataclass
-class RolloutConfig:
-    """``actor_rollout_ref.rollout``: response generation (placeholder section)."""
-
-    name: Literal["auto", "cpu", "vllm"] = "auto"
-    """Engine: ``vllm`` (GPU), ``cpu`` (transformers generation), ``auto`` picks by hardware."""
-    n: int = 8
-    """Responses sampled per prompt (the GRPO group size)."""
-    temperature: float = 1.0
-    """Sampling temperature (log-probs are computed at the same temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = -1
-    """Top-k sampling (-1: off)."""
-    response_length: int | None = None
-    """Max generated tokens (None: ``data.max_response_length``)."""
-    log_prob_micro_batch_size_per_gpu: int | None = None
-    """Sequences per micro-batch when recomputing log-probs (None: the actor's micro batch)."""
-    tensor_model_parallel_size: int = 1
-    """vLLM's own TP size."""
-    gpu_memory_utilization: float = 0.5
-    """Share of GPU memory vLLM may take."""
-    weight_sync_bucket_mb: int = 512
-    """Bucket size of the streaming weight export to the engine."""
-    val_temperature: float = 0.0
-    """Sampling temperature for validation (0: greedy)."""
-
-    def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where.<field>`` for an invalid sampling setting."""
-        if self.n < 1:
-            raise ValueError(f"{where}.n must be >= 1, got {self.n}")
-        if self.temperature <= 0:
-            raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
 
 
 @dataclass

@@ -118,6 +118,8 @@ def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
         ("algorithm.adv_estimator=reinforce", "valid choices: grpo, gae"),
         ("trainer.logger=console,mlflow", "valid choices: console, jsonl, tensorboard, wandb"),
         ("actor_rollout_ref.actor.kl_loss_type=k3", "valid choices: kl, abs, mse, low_var_kl"),
+        ("data.truncation=middle", "valid choices: error, left, right"),
+        ("actor_rollout_ref.rollout.name=tgi", "must be one of auto, cpu, vllm"),
     ],
 )
 def test_bad_choice_lists_valid_ones(override: str, expected: str) -> None:
