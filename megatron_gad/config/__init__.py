@@ -2,7 +2,28 @@
 
 ``load_config(yaml_path, overrides)`` returns a :class:`TrainConfig` whose sections are typed
 dataclasses (``data``, ``algorithm``, ``actor_rollout_ref``, ``critic``, ``trainer``,
-``custom_reward_function``). Errors a user can cause raise :class:`ConfigError` naming the key.
+``custom_reward_function``). Errors a user can cause raise :class:`ConfigError` (one line,
+naming the dotted key, with the valid keys or choices).
+
+Rules, in order of application:
+
+* defaults <- the YAML file <- ``dotted.key=value`` overrides (left to right; later wins). Values
+  are typed by the fields: ``1e-6`` is a float, ``true``/``false`` booleans, ``null`` clears an
+  optional value, lists are ``[a,b]`` or ``a,b``.
+* ``ppo_mini_batch_size`` / ``ppo_micro_batch_size_per_gpu`` / ``ppo_epochs`` may sit under
+  ``actor_rollout_ref`` (the design) or ``actor_rollout_ref.actor`` (verl): the command line beats
+  YAML, within one source the design's place wins, different values in one source are refused.
+* inherited values: ``critic.model.path`` / ``critic.megatron`` / critic batch sizes default to the
+  actor's; ``rollout.prompt_length`` / ``response_length`` to ``data.max_*_length``;
+  ``data.seed`` / ``rollout.seed`` to ``trainer.seed``; ``trainer.default_local_dir`` to
+  ``checkpoints/<project_name>/<experiment_name>``.
+* cross-field checks (``checks.py``), before any model is built: batch sizes (``train_batch_size``
+  and ``ppo_mini_batch_size`` count prompts, a mini-batch is ``ppo_mini_batch_size * rollout.n``
+  sequences split over DP = WORLD_SIZE / (TP * PP), in micro-batches of
+  ``ppo_micro_batch_size_per_gpu`` sequences), TP/PP against the model's ``config.json``, GRPO
+  needs ``n >= 2``, GSPO refuses ``seq-mean-token-sum``, resume path, logger packages.
+
+Relative paths are taken from the current directory (the example configs expect the repo root).
 """
 
 from megatron_gad.config.checks import validate_config

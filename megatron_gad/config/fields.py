@@ -159,12 +159,14 @@ def _coerce_union(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if type(None) in args and (value is None or (_scalar_text(value) or "x").lower() in _NONE_STRINGS):
         return None
-    errors = []
-    for arg in (a for a in args if a is not type(None)):
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # X | None: X's own error is the precise one
+        return coerce(value, options[0], where)
+    for arg in options:
         try:
             return coerce(value, arg, where)
-        except ConfigError as exc:
-            errors.append(str(exc))
+        except ConfigError:
+            continue
     raise ConfigError(f"{where}: expected {describe_type(tp)}, got {value!r}")
 
 
@@ -186,7 +188,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
     Raises ConfigError naming ``where`` (the dotted key) and the expected type.
     """
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if _is_union(origin):

@@ -83,6 +83,13 @@ def test_unknown_key_names_full_path_and_suggests() -> None:
     assert "'root.inner.sise'" in msg and "did you mean 'root.inner.size'" in msg and "kind, size" in msg
 
 
+def test_optional_section_keeps_the_precise_error() -> None:
+    with pytest.raises(ConfigError, match=r"'optional_inner.sise'.*did you mean 'optional_inner.size'"):
+        from_dict(Outer, {"optional_inner": {"sise": 2}})
+    with pytest.raises(ConfigError, match=r"maybe: expected an integer, got 'x'"):
+        from_dict(Outer, {"maybe": "x"})
+
+
 def test_choices_literal_and_metadata_list_valid_values() -> None:
     with pytest.raises(ConfigError, match=r"inner.kind: invalid value 'c'; valid choices: a, b"):
         from_dict(Outer, {"inner": {"kind": "c"}})
