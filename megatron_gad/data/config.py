@@ -56,8 +56,8 @@ class DataConfig:
     invalid_teacher_response: Literal["error", "drop"] = field(
         default="error", metadata={"choices": INVALID_TEACHER_CHOICES}
     )
-    """A teacher response that is not a non-empty string: ``error`` names the row, ``drop``
-    removes the row (and counts it)."""
+    """A teacher response that is not a string with non-whitespace text (null means "no teacher
+    response", not invalid): ``error`` names the row, ``drop`` removes the row (and counts it)."""
     drop_rows_without_teacher: bool = False
     """In a mix of rows with and without a teacher response, drop the ones without (GAD mode)
     instead of raising an error."""
@@ -77,9 +77,11 @@ class DataConfig:
         self.val_files = _as_file_list(self.val_files)
 
     def validate(self, where: str = "data") -> None:
-        """Raise ValueError naming ``<where>.<field>`` and what is valid for a bad value."""
-        if not self.train_files:
-            raise ValueError(f"{where}.train_files: at least one parquet file is required")
+        """Raise ValueError naming ``<where>.<field>`` and what is valid for a bad value.
+
+        An empty ``train_files`` passes here (a trainer may fill in demo files later);
+        ``build_loaders`` requires it.
+        """
         for name in ("max_prompt_length", "max_response_length", "train_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

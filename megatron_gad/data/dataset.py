@@ -348,7 +348,17 @@ class PromptDataset:
         if pad is None:
             raise DataError(f"the tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token")
         self.pad_token_id = int(pad)
-        logger.info("%s data (%s mode) from %s: %s", name, self.mode.value, ", ".join(self.files), self.stats.summary())
+        altered = self.stats.rows_kept < self.stats.rows_read or self.stats.truncated_prompts or (
+            self.stats.truncated_teacher_responses
+        )
+        logger.log(
+            logging.WARNING if altered else logging.INFO,
+            "%s data (%s mode) from %s: %s",
+            name,
+            self.mode.value,
+            ", ".join(self.files),
+            self.stats.summary(),
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -377,6 +387,8 @@ def build_loaders(config: DataConfig, tokenizer: Any) -> tuple[PromptLoader, Pro
         raise
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    if not config.train_files:
+        raise DataError("data.train_files: at least one parquet file is required")
     train = PromptDataset(config.train_files, tokenizer, config, name="train")
     if config.drop_last and len(train) < config.train_batch_size:
         raise DataError(
