@@ -261,14 +261,25 @@ class ResumableSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
 
     def __iter__(self) -> Iterator[list[int]]:
-        """The remaining batches (lists of row ids) of the current epoch; then the epoch advances."""
+        """The remaining batches (lists of row ids) of the current epoch.
+
+        The state always points at the next batch to hand out: handing out the last batch of
+        an epoch already advances ``epoch`` (and resets ``position``), so a checkpoint taken
+        while that batch is being trained on resumes at the start of the next epoch.
+        """
+        n = len(self)
+        if self.position >= n:  # an epoch fully handed out (e.g. a state saved by hand)
+            self.epoch, self.position = self.epoch + 1, 0
         order = self.order(self.epoch)
-        while self.position < len(self):
+        while self.position < n:
             start = self.position * self.batch_size
+            batch = order[start : start + self.batch_size].tolist()
             self.position += 1
-            yield order[start : start + self.batch_size].tolist()
-        self.epoch += 1
-        self.position = 0
+            if self.position == n:
+                self.epoch, self.position = self.epoch + 1, 0
+                yield batch
+                return
+            yield batch
 
     def state_dict(self) -> dict[str, int | bool]:
         """Where the order stands (plus what it was built from, checked on load)."""
@@ -306,14 +317,24 @@ class BatchSource(Protocol):
 class PromptLoader:
     """Iterates one epoch of :class:`PromptBatch` es per ``for`` loop, resumably.
 
-    ``for batch in loader`` yields the rest of the current epoch; ``loader.epoch`` then counts
-    one more. Checkpoint ``state_dict()`` after a step and ``load_state_dict()`` it to resume
-    with the next batch.
+    ``for batch in loader`` yields the rest of the current epoch (``loader.epoch`` advances as
+    its last batch is handed out). Checkpoint ``state_dict()`` after a step and
+    ``load_state_dict()`` it to resume with the next batch. With ``restart_each_pass`` (the
+    validation loader) every ``for`` loop starts again at the first batch.
     """
 
-    def __init__(self, dataset: BatchSource, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(
+        self,
+        dataset: BatchSource,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        restart_each_pass: bool = False,
+    ):
         self.dataset = dataset
         self.sampler = ResumableSampler(len(dataset), batch_size, shuffle, seed, drop_last)
+        self.restart_each_pass = restart_each_pass
 
     @property
     def mode(self) -> Mode:
@@ -330,6 +351,8 @@ class PromptLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[PromptBatch]:
+        if self.restart_each_pass:
+            self.sampler.position = 0
         for indices in self.sampler:
             yield self.dataset.batch(indices)
 

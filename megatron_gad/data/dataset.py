@@ -401,5 +401,7 @@ def build_loaders(config: DataConfig, tokenizer: Any) -> tuple[PromptLoader, Pro
     val = PromptDataset(config.val_files, tokenizer, config, name="val")
     if val.mode is not train.mode:
         logger.warning("val data is in %s mode, train data in %s mode", val.mode.value, train.mode.value)
-    val_loader = PromptLoader(val, config.val_batch_size or len(val), False, config.seed, False)
+    val_loader = PromptLoader(
+        val, config.val_batch_size or len(val), False, config.seed, False, restart_each_pass=True
+    )
     return train_loader, val_loader

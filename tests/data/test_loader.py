@@ -117,3 +117,16 @@ def test_order_properties():
     assert list(c) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="num_rows=10, now num_rows=11"):
         ResumableSampler(11, 4, True, 1, True).load_state_dict(a.state_dict())
+
+
+def test_state_points_at_the_next_batch_and_validation_restarts():
+    loader = PromptLoader(FakeSource(6), batch_size=3, shuffle=False, seed=1, drop_last=True)
+    it = iter(loader)
+    next(it)
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["position"] == 1
+    next(it)  # the last batch of epoch 0: the state already points at epoch 1
+    assert loader.epoch == 1 and loader.state_dict()["position"] == 0
+    val = PromptLoader(FakeSource(5), batch_size=2, shuffle=False, seed=1, drop_last=False, restart_each_pass=True)
+    assert next(iter(val)).index.tolist() == [0, 1]
+    assert next(iter(val)).index.tolist() == [0, 1]
+    assert [b.index.tolist() for b in val] == [[0, 1], [2, 3], [4]]
