@@ -1,0 +1,157 @@
+"""vLLM rollout engine: ``vllm.LLM`` built from the actor's HF config with dummy weights, updated
+in place from the exporter's buckets, sleeping between rollouts.
+
+Targets vLLM 0.10.2 - 0.11.x (the V1 engine): ``LLM(load_format="dummy", enable_sleep_mode=True,
+logprobs_mode="processed_logprobs", skip_tokenizer_init=True)``, weights through
+``LLM.collective_rpc`` calling the model's own ``load_weights`` (which fuses HF q/k/v and
+gate/up and shards them over vLLM's TP), ``LLM.sleep(level=1)`` / ``LLM.wake_up()``, and
+``SamplingParams(n, temperature, top_p, top_k, max_tokens, logprobs=0, seed, stop_token_ids)``.
+
+``processed_logprobs`` are the log-probs after temperature, top-k and top-p, i.e. of the
+renormalised distribution the token was sampled from, the same quantity the CPU engine returns.
+
+vllm is imported inside the constructor only. The engine core runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before the engine is built) so a bucket of CUDA
+tensors reaches the model by reference; with ``tensor_model_parallel_size > 1`` vLLM's workers
+are other processes and buckets travel through its RPC as CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from megatron_gad.rollout.base import (
+    RolloutConfig,
+    RolloutConfigError,
+    RolloutEngine,
+    RolloutOutput,
+    TokenSpec,
+    WeightBucket,
+    pad_rows,
+    vllm_unavailable_reason,
+)
+
+SUPPORTED_VLLM = ">=0.10.2,<0.12"
+
+
+def _load_bucket(worker: Any, bucket: WeightBucket) -> int:
+    """Runs inside each vLLM worker (via ``collective_rpc``): load HF-named tensors into the model."""
+    model = worker.model_runner.model
+    device = next(model.parameters()).device
+    model.load_weights(weights=((name, t.to(device, non_blocking=True)) for name, t in bucket))
+    return len(bucket)
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """Rollout engine on ``vllm.LLM``; construct on the exporter's destination rank (one GPU)."""
+
+    def __init__(self, cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec, sleep_level: int = 1) -> None:
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            raise RolloutConfigError(f"actor_rollout_ref.rollout.name=vllm cannot run here: {reason}")
+        cfg.validate()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (see module doc)
+        import vllm
+
+        self.cfg, self.tokens, self.sleep_level = cfg, tokens, sleep_level
+        self._model_dir = tempfile.TemporaryDirectory(prefix="mgad_vllm_model_")
+        hf_config.save_pretrained(self._model_dir.name)  # config.json only: weights come from us
+        self.llm = vllm.LLM(
+            model=self._model_dir.name,
+            skip_tokenizer_init=True,
+            load_format="dummy",
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_model_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.prompt_length + cfg.response_length,
+            max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=cfg.enforce_eager,
+            enable_sleep_mode=True,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            seed=cfg.seed,
+        )
+        self.sleeping = False
+
+    # ---------------------------------------------------------------- memory
+    def sleep(self) -> None:
+        """Offload weights to CPU and drop the KV cache (level 1), freeing GPU memory for training."""
+        if self.cfg.free_cache_engine and not self.sleeping:
+            self.llm.sleep(level=self.sleep_level)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        """Re-allocate weights and KV cache on the GPU."""
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    # ---------------------------------------------------------------- weights
+    def load_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Load HF-named buckets into the model (wakes the engine first); resets the prefix cache,
+        whose KV entries belong to the old weights."""
+        self.wake()
+        in_process = self.cfg.tensor_model_parallel_size == 1
+        for bucket in buckets:
+            payload = bucket if in_process else [(n, t.detach().cpu()) for n, t in bucket]
+            self.llm.collective_rpc(_load_bucket, args=(payload,))
+            del bucket, payload
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.llm.reset_prefix_cache()
+
+    # ---------------------------------------------------------------- generation
+    def _sampling_params(self, n: int, greedy: bool, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        top_k = self.cfg.top_k if self.cfg.top_k > 0 else 0  # 0 disables (vLLM >= 0.10 also takes -1)
+        return SamplingParams(
+            n=n,
+            temperature=0.0 if greedy else self.cfg.temperature,
+            top_p=1.0 if greedy else self.cfg.top_p,
+            top_k=0 if greedy else top_k,
+            max_tokens=self.cfg.response_length,
+            logprobs=0,
+            seed=seed,
+            stop_token_ids=list(self.tokens.eos_token_ids),
+            detokenize=False,
+        )
+
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, n: int | None = None,
+        greedy: bool = False, seed: int | None = None,
+    ) -> RolloutOutput:
+        """Sample ``n`` responses per left-padded prompt ([B, P]). Prompt i uses seed
+        ``seed + i * n`` (vLLM gives its j-th sample ``+ j``), so all rows are distinct streams."""
+        n = self.cfg.n if n is None else n
+        base = self.cfg.seed if seed is None else seed
+        prompts = [
+            {"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu())
+        ]
+        params = [self._sampling_params(n, greedy, base + i * n) for i in range(len(prompts))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        tokens, logps, reasons = [], [], []
+        for request in outputs:
+            for completion in sorted(request.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
+                tokens.append(ids)
+                logps.append([_sampled_logprob(step, tok) for step, tok in zip(completion.logprobs, ids)])
+                reasons.append("stop" if completion.finish_reason == "stop" else "length")
+        width = max(1, max(len(t) for t in tokens))
+        return RolloutOutput(
+            responses=pad_rows(tokens, width, self.tokens.pad_token_id, torch.long),
+            response_mask=pad_rows([[1] * len(t) for t in tokens], width, 0, torch.long),
+            rollout_log_probs=pad_rows(logps, width, 0.0, torch.float32),
+            finish_reasons=reasons,
+        )
+
+
+def _sampled_logprob(step: Any, token: int) -> float:
+    """The sampled token's entry of one step's ``{token_id: Logprob}`` mapping."""
+    entry = step[token]
+    return float(entry.logprob if hasattr(entry, "logprob") else entry)

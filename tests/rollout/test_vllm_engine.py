@@ -1,0 +1,113 @@
+"""Engine selection everywhere; the vLLM engine itself on a GPU (``gpu`` marker, needs vllm)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_gad.rollout.base import (
+    RolloutConfig,
+    RolloutConfigError,
+    TokenSpec,
+    make_rollout_engine,
+    resolve_engine_name,
+    vllm_unavailable_reason,
+)
+
+PAD, EOS, VOCAB = 0, 3, 256
+
+
+def tiny_llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        initializer_range=0.3, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1,
+    )
+
+
+def test_engine_selection_and_clear_error_without_vllm() -> None:
+    assert resolve_engine_name(RolloutConfig(name="cpu")) == "cpu"
+    reason = vllm_unavailable_reason()
+    if reason is None:
+        assert resolve_engine_name(RolloutConfig()) == "vllm"
+        return
+    assert resolve_engine_name(RolloutConfig()) == "cpu"
+    with pytest.raises(RolloutConfigError, match="rollout.name=vllm cannot run here"):
+        make_rollout_engine(RolloutConfig(name="vllm"), tiny_llama(), TokenSpec(PAD, (EOS,)))
+    with pytest.raises(RolloutConfigError, match=r"actor_rollout_ref.rollout.top_p must be in \(0, 1\]"):
+        RolloutConfig(top_p=0.0).validate()
+    engine = make_rollout_engine(RolloutConfig(), tiny_llama(), TokenSpec(PAD, (EOS,)))
+    assert type(engine).__name__ == "CPURolloutEngine"
+
+
+def test_cpu_engine_rejects_unknown_and_missing_weights() -> None:
+    from megatron_gad.rollout.cpu_engine import CPURolloutEngine
+
+    engine = CPURolloutEngine(RolloutConfig(), tiny_llama(), TokenSpec(PAD, (EOS,)))
+    with pytest.raises(KeyError, match="unknown weight 'model.layers.0.mlp.fc1.weight'"):
+        engine.load_weights([[("model.layers.0.mlp.fc1.weight", torch.zeros(1))]])
+    with pytest.raises(ValueError, match="weight 'model.norm.weight' has shape"):
+        engine.load_weights([[("model.norm.weight", torch.zeros(3))]])
+    with pytest.raises(ValueError, match="not received"):
+        engine.load_weights([[("model.norm.weight", torch.ones(128))]])
+
+
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None, reason="needs CUDA and vllm"
+)
+
+
+@pytest.mark.gpu
+@gpu
+def test_vllm_engine_matches_transformers_and_follows_weight_updates() -> None:
+    """Greedy tokens equal transformers' (fp32 on both sides); processed log-probs of sampled tokens
+    agree with log_softmax(logits / T) of an HF forward; sleep/wake keeps the weights; a new
+    weight sync changes the output."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = tiny_llama()
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).cuda().eval()
+    cfg = RolloutConfig(name="vllm", n=2, temperature=0.8, response_length=12, prompt_length=16, dtype="float32",
+                        gpu_memory_utilization=0.3, max_num_seqs=16)
+    engine = make_rollout_engine(cfg, hf_cfg, TokenSpec(PAD, (EOS,)))
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    engine.load_weights([named[:5], named[5:]])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, VOCAB, (3, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = PAD
+
+    greedy = engine.generate(ids, mask, n=1, greedy=True)
+    for row in range(3):
+        prompt = ids[row][mask[row].bool()][None].cuda()
+        ref = model.generate(input_ids=prompt, do_sample=False, max_new_tokens=12, pad_token_id=PAD, eos_token_id=EOS)
+        want = ref[0, prompt.shape[1]:].cpu()
+        got = greedy.responses[row][greedy.response_mask[row].bool()]
+        assert torch.equal(got, want[: got.numel()]), f"row {row}: {got} vs {want}"
+
+    sampled = engine.generate(ids, mask, seed=7)
+    assert sampled.responses.shape[0] == 6
+    for row in range(6):
+        prompt = ids[row // 2][mask[row // 2].bool()]
+        resp = sampled.responses[row][sampled.response_mask[row].bool()]
+        full = torch.cat([prompt, resp])[None].cuda()
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, prompt.numel() - 1: -1].float() / cfg.temperature
+        ref = torch.log_softmax(logits, -1).gather(-1, resp.cuda()[:, None]).squeeze(-1).cpu()
+        got = sampled.rollout_log_probs[row, : resp.numel()]
+        assert (got - ref).abs().max() < 2e-3, f"row {row}: max diff {(got - ref).abs().max()}"
+
+    engine.sleep()
+    engine.wake()
+    assert torch.equal(engine.generate(ids, mask, n=1, greedy=True).responses, greedy.responses)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    engine.load_weights([[(n, p.detach()) for n, p in model.named_parameters()]])
+    assert not torch.equal(engine.generate(ids, mask, n=1, greedy=True).responses, greedy.responses)
