@@ -241,7 +241,7 @@ class ResumableSampler:
     exactly the next batch. Every rank that builds the same sampler gets the same order.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.num_rows, self.batch_size = num_rows, batch_size
@@ -331,7 +331,7 @@ class PromptLoader:
         seed: int,
         drop_last: bool,
         restart_each_pass: bool = False,
-    ):
+    ) -> None:
         self.dataset = dataset
         self.sampler = ResumableSampler(len(dataset), batch_size, shuffle, seed, drop_last)
         self.restart_each_pass = restart_each_pass

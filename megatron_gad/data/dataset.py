@@ -331,7 +331,7 @@ class PromptDataset:
     into a :class:`PromptBatch`.
     """
 
-    def __init__(self, files: Sequence[str] | str, tokenizer: Any, config: DataConfig, name: str = "train"):
+    def __init__(self, files: Sequence[str] | str, tokenizer: Any, config: DataConfig, name: str = "train") -> None:
         self.config = config
         self.name = name
         self.files = [files] if isinstance(files, str) else list(files)
