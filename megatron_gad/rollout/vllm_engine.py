@@ -10,17 +10,22 @@ gate/up and shards them over vLLM's TP), ``LLM.sleep(level=1)`` / ``LLM.wake_up(
 ``processed_logprobs`` are the log-probs after temperature, top-k and top-p, i.e. of the
 renormalised distribution the token was sampled from, the same quantity the CPU engine returns.
 
-vllm is imported inside the constructor only. The engine core runs in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before the engine is built) so a bucket of CUDA
-tensors reaches the model by reference; with ``tensor_model_parallel_size > 1`` vLLM's workers
-are other processes and buckets travel through its RPC as CPU tensors.
+vllm is imported inside the constructor only. Two placements of vLLM's engine core:
+
+- in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) when this process is a world of one
+  and ``tensor_model_parallel_size == 1``: buckets of CUDA tensors reach the model by reference;
+- otherwise in vLLM's own engine process (its default), which gets a fresh torch.distributed world
+  (vLLM cannot join the trainer's multi-rank default group) and this rank's GPU
+  (``CUDA_VISIBLE_DEVICES`` narrowed while it starts); buckets then travel through vLLM's RPC
+  as CPU tensors (its msgpack serialiser takes CPU tensors only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -39,12 +44,20 @@ from megatron_gad.rollout.base import (
 SUPPORTED_VLLM = ">=0.10.2,<0.12"
 
 
-def _load_bucket(worker: Any, bucket: WeightBucket) -> int:
-    """Runs inside each vLLM worker (via ``collective_rpc``): load HF-named tensors into the model."""
-    model = worker.model_runner.model
-    device = next(model.parameters()).device
-    model.load_weights(weights=((name, t.to(device, non_blocking=True)) for name, t in bucket))
-    return len(bucket)
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``) so the weight-loading
+    method can be called by name through ``collective_rpc``, without pickling a callable."""
+
+    def mgad_load_weights(self, bucket: WeightBucket) -> int:
+        """Load HF-named tensors into this worker's model (its ``load_weights`` fuses q/k/v and
+        gate/up and takes this worker's TP shard). Returns the number of tensors."""
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        device = next(model.parameters()).device
+        model.load_weights(weights=((name, t.to(device, non_blocking=True)) for name, t in bucket))
+        return len(bucket)
+
+
+_EXTENSION = f"{__name__}.WeightSyncExtension"
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -55,13 +68,19 @@ class VLLMRolloutEngine(RolloutEngine):
         if reason is not None:
             raise RolloutConfigError(f"actor_rollout_ref.rollout.name=vllm cannot run here: {reason}")
         cfg.validate()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (see module doc)
-        import vllm
-
         self.cfg, self.tokens, self.sleep_level = cfg, tokens, sleep_level
+        self.in_process = cfg.tensor_model_parallel_size == 1 and not _in_multi_rank_world()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         self._model_dir = tempfile.TemporaryDirectory(prefix="mgad_vllm_model_")
         hf_config.save_pretrained(self._model_dir.name)  # config.json only: weights come from us
-        self.llm = vllm.LLM(
+        with _visible_devices(None if self.in_process else _this_gpu(cfg.tensor_model_parallel_size)):
+            self.llm = self._build_llm(cfg)
+        self.sleeping = False
+
+    def _build_llm(self, cfg: RolloutConfig) -> Any:
+        import vllm
+
+        return vllm.LLM(
             model=self._model_dir.name,
             skip_tokenizer_init=True,
             load_format="dummy",
@@ -74,9 +93,9 @@ class VLLMRolloutEngine(RolloutEngine):
             enable_sleep_mode=True,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",
+            worker_extension_cls=_EXTENSION,
             seed=cfg.seed,
         )
-        self.sleeping = False
 
     # ---------------------------------------------------------------- memory
     def sleep(self) -> None:
@@ -96,10 +115,9 @@ class VLLMRolloutEngine(RolloutEngine):
         """Load HF-named buckets into the model (wakes the engine first); resets the prefix cache,
         whose KV entries belong to the old weights."""
         self.wake()
-        in_process = self.cfg.tensor_model_parallel_size == 1
         for bucket in buckets:
-            payload = bucket if in_process else [(n, t.detach().cpu()) for n, t in bucket]
-            self.llm.collective_rpc(_load_bucket, args=(payload,))
+            payload = bucket if self.in_process else [(n, t.detach().cpu()) for n, t in bucket]
+            self.llm.collective_rpc("mgad_load_weights", args=(payload,))
             del bucket, payload
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -149,6 +167,43 @@ class VLLMRolloutEngine(RolloutEngine):
             rollout_log_probs=pad_rows(logps, width, 0.0, torch.float32),
             finish_reasons=reasons,
         )
+
+
+def _in_multi_rank_world() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _this_gpu(count: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` value naming this rank's GPU and the next ``count - 1`` (physical ids)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    first = torch.cuda.current_device()
+    if first + count > len(ids):
+        raise RolloutConfigError(
+            f"actor_rollout_ref.rollout.tensor_model_parallel_size={count} needs GPUs {first}..{first + count - 1}, "
+            f"only {len(ids)} visible"
+        )
+    return ",".join(ids[first: first + count])
+
+
+@contextlib.contextmanager
+def _visible_devices(value: str | None) -> Iterator[None]:
+    """Narrow ``CUDA_VISIBLE_DEVICES`` for processes started inside the block (this process's CUDA
+    context is already bound and does not change)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
 
 
 def _sampled_logprob(step: Any, token: int) -> float:

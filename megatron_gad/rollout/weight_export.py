@@ -171,7 +171,9 @@ class WeightExporter:
 
         Every rank must iterate to exhaustion (the loop contains collectives over the TP and PP
         groups). The consumer should drop each bucket once loaded: the exporter only frees its
-        own reference. Updates :attr:`stats`.
+        own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor may
+        share storage with the live parameter: copy it if you keep it past the next optimizer
+        step. Updates :attr:`stats` (``peak_bytes`` counts such views too: an upper bound).
         """
         self.stats = ExportStats()
         if not self._group_is_active():
