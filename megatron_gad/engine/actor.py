@@ -1,0 +1,106 @@
+"""The actor engine: the student policy's log-probs, its PPO / GSPO update and its SFT warm-up step.
+
+A frozen engine (built with ``optim=None``) of the same model serves as the reference policy.
+Every method is called by EVERY rank in lockstep with the SAME batch on all ranks of a
+data-parallel replica; different DP replicas pass their own rows. Results are returned on every
+rank (broadcast from the last pipeline stage).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import Tensor
+
+from megatron_gad.engine.batch import PolicyBatch, SequenceBatch, SftBatch, split_rows
+from megatron_gad.engine.config import ActorConfig
+from megatron_gad.engine.engine import RoleEngine
+from megatron_gad.engine.forward_step import collect_log_probs, policy_loss_func, sft_loss_func
+from megatron_gad.engine.metrics import MetricAccumulator, global_count, mean_metrics
+from megatron_gad.losses import agg_normalizer
+from megatron_gad.models.actor import build_actor
+from megatron_gad.models.build import OptimConfig
+from megatron_gad.models.transformer import ModelArgs
+
+_POLICY_METRICS = ("actor/pg_loss", "actor/entropy", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
+
+
+class ActorEngine(RoleEngine):
+    """GPT policy on Megatron (TP x PP x DP) with its optimizer (None: frozen reference)."""
+
+    def __init__(self, chunks: list, config: Any, optimizer: Any | None = None, *, args: ModelArgs,
+                 settings: ActorConfig) -> None:
+        super().__init__(chunks, config, optimizer)
+        self.args = args
+        self.settings = settings
+
+    @classmethod
+    def create(cls, config: Any, args: ModelArgs, settings: ActorConfig | None = None,
+               optim: OptimConfig | None = None) -> "ActorEngine":
+        """Build the actor (``optim`` given) or a frozen reference (``optim=None``); all ranks."""
+        settings = settings or ActorConfig()
+        settings.validate()
+        provider = lambda cfg, pre, post: build_actor(cfg, args, pre, post)  # noqa: E731
+        return cls.build(provider, config, optim, args=args, settings=settings)
+
+    def compute_log_probs(self, batch: SequenceBatch, temperature: float,
+                          micro_batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Forward-only log-probs and entropy of the responses, both fp32 ``[B, R]`` on every rank.
+
+        ``temperature`` divides the logits before the softmax (use the rollout's). Micro-batches
+        of ``micro_batch_size`` rows (default ``ppo_micro_batch_size_per_gpu``).
+        """
+        size = micro_batch_size or self.settings.ppo_micro_batch_size_per_gpu
+        vocab = self.args.vocab_size
+
+        def collect(out: list, micro: Any, logits: Tensor):
+            return collect_log_probs(out, temperature, vocab, micro, logits)
+
+        shape = (batch.rows, batch.response_mask.shape[1], 2)
+        both = self.infer(batch, collect, size, "log_prob_micro_batch_size_per_gpu", shape)
+        return both[..., 0], both[..., 1]
+
+    def update(self, batch: PolicyBatch, *, temperature: float, mini_batch_size: int | None = None) -> dict[str, float]:
+        """``ppo_epochs`` passes of the policy loss over ``batch`` (this DP rank's rows), one
+        optimizer step per mini-batch of ``mini_batch_size`` local rows (default: all of them,
+        see :func:`engine.config.local_mini_batch_size`). Returns metrics averaged over
+        mini-batches: ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
+        ``actor/ppo_kl``, ``actor/entropy``, (``actor/kl_loss``), ``actor/grad_norm``, ``actor/lr``.
+        """
+        size = mini_batch_size or batch.rows
+        results = []
+        for _ in range(self.settings.ppo_epochs):
+            for mini in split_rows(batch, size, "actor mini-batch size (local sequences)"):
+                results.append(self._policy_step(mini, temperature))
+        return mean_metrics(results)
+
+    def _policy_step(self, mini: PolicyBatch, temperature: float) -> dict[str, float]:
+        s = self.settings
+        micro = split_rows(mini, s.ppo_micro_batch_size_per_gpu, "actor.ppo_micro_batch_size_per_gpu")
+        normalizer = global_count(agg_normalizer(mini.seq.response_mask, s.loss_agg_mode))
+        names = _POLICY_METRICS + (("actor/kl_loss",) if s.use_kl_loss else ())
+        acc = MetricAccumulator(names)
+        loss_func = functools.partial(policy_loss_func, s, temperature, self.args.vocab_size, normalizer,
+                                      self.loss_scale(len(micro)), acc)
+        self.zero_grad()
+        self.run_schedule(micro, loss_func, forward_only=False)
+        step = self.optimizer_step()
+        metrics = acc.reduce()
+        metrics.update({"actor/grad_norm": step["grad_norm"], "actor/lr": step["lr"]})
+        return metrics
+
+    def sft_update(self, batch: SftBatch, micro_batch_size: int | None = None) -> dict[str, float]:
+        """One optimizer step of token-mean NLL over ``batch.loss_mask`` tokens (the generator
+        warm-up on teacher responses). Returns ``actor/sft_loss``, ``actor/grad_norm``, ``actor/lr``."""
+        size = micro_batch_size or self.settings.ppo_micro_batch_size_per_gpu
+        micro = split_rows(batch, size, "actor.ppo_micro_batch_size_per_gpu")
+        normalizer = global_count(batch.loss_mask[:, 1:].float().sum())
+        acc = MetricAccumulator(["actor/sft_loss"])
+        loss_func = functools.partial(sft_loss_func, self.args.vocab_size, normalizer, self.loss_scale(len(micro)), acc)
+        self.zero_grad()
+        self.run_schedule(micro, loss_func, forward_only=False)
+        step = self.optimizer_step()
+        metrics = acc.reduce()
+        metrics.update({"actor/grad_norm": step["grad_norm"], "actor/lr": step["lr"]})
+        return metrics

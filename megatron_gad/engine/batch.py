@@ -1,0 +1,195 @@
+"""Typed batches the engines consume: ``[prompt | response]`` sequences and per-token PPO data.
+
+Layout (every tensor has the rows ``B`` first): ``input_ids`` / ``attention_mask`` /
+``position_ids`` ``[B, P + R]`` hold a LEFT-padded prompt of ``P`` columns followed by a
+RIGHT-padded response of ``R`` columns; ``response_mask`` ``[B, R]`` marks the valid response
+tokens. ``responses`` is ``input_ids[:, P:]``. Every rank of a data-parallel replica (all its TP
+ranks and PP stages) must be given the SAME batch: the first stage reads the ids, the last stage
+reads the masks and the PPO tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from megatron_gad.models.inputs import position_ids_from_mask
+
+B = TypeVar("B")
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response sequences (see the module docstring for shapes)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    response_mask: Tensor
+
+    @classmethod
+    def from_ids(cls, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> "SequenceBatch":
+        """Build with position ids counted over the valid tokens (left padding gets 0)."""
+        return cls(input_ids, attention_mask, position_ids_from_mask(attention_mask), response_mask)
+
+    def __post_init__(self) -> None:
+        rows, seq = self.input_ids.shape
+        for name in ("attention_mask", "position_ids"):
+            if tuple(getattr(self, name).shape) != (rows, seq):
+                raise ValueError(f"{name} must have shape {(rows, seq)} like input_ids, got "
+                                 f"{tuple(getattr(self, name).shape)}")
+        if self.response_mask.dim() != 2 or self.response_mask.shape[0] != rows or self.response_mask.shape[1] >= seq:
+            raise ValueError(f"response_mask must be [B={rows}, R] with R < sequence length {seq}, got "
+                             f"{tuple(self.response_mask.shape)}")
+
+    @property
+    def rows(self) -> int:
+        """Number of sequences B."""
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        """P: the prompt columns (sequence length minus response columns)."""
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def responses(self) -> Tensor:
+        """Response token ids ``[B, R]``."""
+        return self.input_ids[:, self.prompt_length:]
+
+
+@dataclass
+class PolicyBatch:
+    """What one actor PPO/GSPO update needs: sequences and ``[B, R]`` rollout tensors."""
+
+    seq: SequenceBatch
+    old_log_probs: Tensor
+    """Log-probs of the responses under the policy that generated them (same temperature)."""
+    advantages: Tensor
+    """Per-token advantages (GRPO: the sequence advantage broadcast over its tokens)."""
+    ref_log_probs: Tensor | None = None
+    """Reference-model log-probs; required when ``use_kl_loss``."""
+
+    @property
+    def rows(self) -> int:
+        return self.seq.rows
+
+
+@dataclass
+class ValueBatch:
+    """What one critic value (PPO) update needs: sequences and ``[B, R]`` targets."""
+
+    seq: SequenceBatch
+    old_values: Tensor
+    """Values at rollout time (the clip centre)."""
+    returns: Tensor
+    """GAE returns."""
+
+    @property
+    def rows(self) -> int:
+        return self.seq.rows
+
+
+@dataclass
+class SftBatch:
+    """Teacher-forced sequences for supervised fine-tuning: ``[B, S]`` tensors; ``loss_mask``
+    marks the TARGET tokens (the teacher response), whose log-prob comes from the previous
+    position's logits."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    loss_mask: Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class PairBatch:
+    """Aligned student / teacher sequences for the discriminator: row i of each is one pair.
+
+    The two may differ in response length; :meth:`stacked` right-pads the shorter one.
+    """
+
+    student: SequenceBatch
+    teacher: SequenceBatch
+
+    def __post_init__(self) -> None:
+        if self.student.rows != self.teacher.rows or self.student.prompt_length != self.teacher.prompt_length:
+            raise ValueError(
+                f"student and teacher batches must align row by row with the same prompt columns; got "
+                f"{self.student.rows} vs {self.teacher.rows} rows, P={self.student.prompt_length} vs "
+                f"{self.teacher.prompt_length}"
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.student.rows
+
+    def stacked(self) -> SequenceBatch:
+        """One ``[2B, P + R_max]`` batch: student rows then teacher rows (right-padded with masked
+        tokens, which causal attention never lets a valid token see)."""
+        width = max(self.student.response_mask.shape[1], self.teacher.response_mask.shape[1])
+        parts = [_pad_response(b, width) for b in (self.student, self.teacher)]
+        return SequenceBatch(*(torch.cat([getattr(p, f.name) for p in parts])
+                               for f in dataclasses.fields(SequenceBatch)))
+
+
+def _pad_response(batch: SequenceBatch, width: int) -> SequenceBatch:
+    extra = width - batch.response_mask.shape[1]
+    if extra == 0:
+        return batch
+    pad = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731
+    return SequenceBatch(pad(batch.input_ids), pad(batch.attention_mask), pad(batch.position_ids),
+                         pad(batch.response_mask))
+
+
+def model_inputs(batch: object) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, position_ids, attention_mask [B, S])`` of the sequences a batch runs."""
+    if isinstance(batch, (PolicyBatch, ValueBatch)):
+        batch = batch.seq
+    elif isinstance(batch, PairBatch):
+        batch = batch.stacked()
+    if not isinstance(batch, (SequenceBatch, SftBatch)):
+        raise TypeError(f"no model inputs in a {type(batch).__name__}")
+    return batch.input_ids, batch.position_ids, batch.attention_mask
+
+
+def slice_rows(batch: B, start: int, stop: int) -> B:
+    """Rows ``[start, stop)`` of any batch above (tensor fields sliced, nested batches recursed)."""
+    values = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            value = value[start:stop]
+        elif dataclasses.is_dataclass(value):
+            value = slice_rows(value, start, stop)
+        values[f.name] = value
+    return type(batch)(**values)
+
+
+def split_rows(batch: B, size: int, what: str) -> list[B]:
+    """Split into consecutive pieces of ``size`` rows; ``what`` names the setting in the error."""
+    rows = batch.rows
+    if size < 1 or rows % size:
+        raise ValueError(f"{what}={size} must be >= 1 and divide the {rows} local rows")
+    return [slice_rows(batch, i, i + size) for i in range(0, rows, size)]
+
+
+def to_device(batch: B, device: torch.device) -> B:
+    """Move every tensor of a batch to ``device`` (no copy when already there)."""
+    values = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            value = value.to(device, non_blocking=True)
+        elif dataclasses.is_dataclass(value):
+            value = to_device(value, device)
+        values[f.name] = value
+    return type(batch)(**values)

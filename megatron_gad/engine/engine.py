@@ -1,0 +1,126 @@
+"""One role's model on Megatron's pipeline schedule: model chunks, DDP, optimizer, metrics.
+
+:class:`RoleEngine` is shared by the actor and the critic engines. It runs a list of equally
+sized micro-batches through ``get_forward_backward_func()`` (forward-only for inference, with
+backward and grad finalisation for training), steps the optimizer, and reduces metrics once per
+mini-batch.
+
+Normalisation contract (why gradients do not depend on the layout): a loss function computes its
+micro-batch's share of the MINI-BATCH loss with the GLOBAL normaliser (token or sequence count
+summed over all micro-batches and data-parallel ranks, see :func:`metrics.global_count`), so the shares
+sum to the full mini-batch loss. Megatron divides a ``(loss, metrics)`` return by the number of
+micro-batches and DDP averages gradients over DP (scales by ``1 / dp``); :meth:`RoleEngine.loss_scale`
+multiplies by ``num_microbatches * dp`` to undo both.
+
+All public methods are called by EVERY rank (all TP ranks, PP stages and DP replicas) in lockstep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from megatron_gad.engine.batch import model_inputs, split_rows
+from megatron_gad.engine.forward_step import make_forward_step
+from megatron_gad.engine.metrics import _ps, broadcast_from_last_stage
+from megatron_gad.models.build import OptimConfig, build_model, build_optimizer
+from megatron_gad.runtime.distributed import device
+
+
+class RoleEngine:
+    """Model chunks (+ optimizer) of one role and the pipeline-schedule plumbing.
+
+    Build with :meth:`build`. ``optimizer`` None makes a frozen, inference-only engine (for
+    example the reference policy). ``config`` is this engine's own copy of the
+    ``TransformerConfig`` (``build_model`` installs the DDP hooks on it).
+    """
+
+    def __init__(self, chunks: list[torch.nn.Module], config: Any, optimizer: Any | None = None) -> None:
+        self.chunks = chunks
+        self.config = config
+        self.optimizer = optimizer
+
+    @classmethod
+    def build(cls, provider: Callable[[Any, bool, bool], torch.nn.Module], config: Any,
+              optim: OptimConfig | None, **kwargs: Any) -> "RoleEngine":
+        """Build this rank's stage with ``provider(config, pre_process, post_process)``, wrap it
+        in DDP and (unless ``optim`` is None) build its optimizer. All ranks call it."""
+        config = copy.copy(config)  # per-engine DDP hooks (no_sync_func, finalize_model_grads_func)
+        chunks = build_model(lambda pre, post: provider(config, pre, post), config)
+        optimizer = build_optimizer(chunks, optim, config) if optim is not None else None
+        return cls(chunks, config, optimizer, **kwargs)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size."""
+        return _ps().get_data_parallel_world_size()
+
+    @staticmethod
+    def is_last_stage() -> bool:
+        """True on the last pipeline stage (where losses and outputs live)."""
+        return _ps().is_pipeline_last_stage()
+
+    def loss_scale(self, num_microbatches: int) -> float:
+        """Factor a loss share is multiplied by: undoes the schedule's ``/ num_microbatches`` and
+        DDP's ``/ dp`` (see the module docstring)."""
+        return float(num_microbatches * self.dp)
+
+    def run_schedule(self, micro_batches: list[Any], loss_func: Callable, *, forward_only: bool) -> None:
+        """Run the micro-batches (equal shapes) through Megatron's schedule with
+        ``loss_func(micro_batch, output)`` on the last stage; with ``forward_only`` False the
+        gradients are accumulated and finalised (DP all-reduce, tied-embedding sync) in the
+        ``main_grad`` buffers."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        rows, seq_length = model_inputs(micro_batches[0])[0].shape
+
+        for chunk in self.chunks:
+            chunk.train(not forward_only)
+        context = torch.no_grad() if forward_only else contextlib.nullcontext()
+        with context:
+            get_forward_backward_func()(
+                forward_step_func=make_forward_step(loss_func), data_iterator=iter(micro_batches), model=self.chunks,
+                num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=rows,
+                forward_only=forward_only,
+            )
+
+    def infer(self, batch: Any, collect: Callable, micro_batch_size: int, what: str,
+              out_shape: tuple[int, ...]) -> Tensor:
+        """Forward-only pass over ``batch`` in micro-batches of ``micro_batch_size`` rows;
+        ``collect(out_list, micro_batch, output)`` appends each micro-batch's result on the last
+        stage; the concatenation (``out_shape``) is returned on EVERY stage. ``what`` names the
+        micro-batch setting in errors."""
+        micro = split_rows(batch, micro_batch_size, what)
+        out: list[Tensor] = []
+        self.run_schedule(micro, functools.partial(collect, out), forward_only=True)
+        if self.is_last_stage():
+            result = torch.cat(out).float()
+        else:
+            result = torch.zeros(out_shape, dtype=torch.float32, device=device())
+        return broadcast_from_last_stage(result)
+
+    def zero_grad(self) -> None:
+        """Clear gradient buffers before a mini-batch."""
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.require_optimizer().zero_grad()
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip and step; returns ``grad_norm`` (global over TP/PP/DP) and ``lr``."""
+        optimizer = self.require_optimizer()
+        _, grad_norm, _ = optimizer.step()
+        if grad_norm is None:  # no clipping configured: the norm is still worth reporting
+            grad_norm = optimizer.get_grad_norm()
+        lr = optimizer.param_groups[0]["lr"]
+        return {"grad_norm": float(grad_norm), "lr": float(lr)}
+
+    def require_optimizer(self) -> Any:
+        """The optimizer; a frozen engine raises RuntimeError (it cannot train)."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__} was built without an optimizer (frozen); it cannot train")
+        return self.optimizer

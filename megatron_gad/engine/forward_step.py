@@ -1,0 +1,160 @@
+"""``forward_step`` and the last-stage loss functions of the actor and the critic.
+
+Megatron's schedule calls ``forward_step(data_iterator, model) -> (output, loss_func)`` on every
+stage; ``loss_func(output)`` runs on the LAST stage only and returns ``(scaled_loss, {})``.
+
+Positions in a ``[prompt (P) | response (R)]`` sequence:
+
+* actor: the log-prob of response token t comes from the logits at position ``P - 1 + t``
+  (the token before it), i.e. ``logits[:, P-1 : P+R-1]``;
+* critic values (PPO): the value of response token t is read at the same position
+  ``P - 1 + t`` (the state the token is generated from; verl's convention);
+* critic sequence scores (GAD): read at the LAST valid response token itself, UNSHIFTED
+  (:func:`megatron_gad.models.critic.sequence_scores`).
+
+Each loss function receives the GLOBAL normaliser of its mini-batch and returns its share of the
+mini-batch loss times ``scale`` (``num_microbatches * dp``, see ``engine.py``), and adds detached
+metric tensors to a :class:`MetricAccumulator` (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from megatron_gad.engine.batch import PairBatch, PolicyBatch, SftBatch, ValueBatch, model_inputs, to_device
+from megatron_gad.engine.config import ActorConfig
+from megatron_gad.engine.metrics import MetricAccumulator
+from megatron_gad.losses import agg_loss, discriminator_accuracy, discriminator_loss, kl_penalty
+from megatron_gad.losses import policy_loss, value_loss
+from megatron_gad.models.critic import sequence_scores
+from megatron_gad.models.inputs import attention_mask_4d
+from megatron_gad.ops import vocab_parallel_log_probs_and_entropy
+from megatron_gad.runtime.distributed import device
+
+LossFunc = Callable[[Any, Tensor], tuple[Tensor, dict]]
+
+
+def make_forward_step(loss_func: LossFunc) -> Callable:
+    """A Megatron ``forward_step`` that runs the model on the next micro-batch and binds it to
+    ``loss_func(micro_batch, output)``. Every stage calls it; the loss runs on the last."""
+
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator), device())
+        input_ids, position_ids, attention_mask = model_inputs(batch)
+        output = model(input_ids=input_ids, position_ids=position_ids,
+                       attention_mask=attention_mask_4d(attention_mask))
+        return output, functools.partial(loss_func, batch)
+
+    return forward_step
+
+
+def response_log_probs(logits: Tensor, responses: Tensor, temperature: float,
+                       vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropy ``[B, R]`` of ``responses`` from full-sequence logits ``[B, P+R, V/TP]``."""
+    prompt_length = logits.shape[1] - responses.shape[1]
+    return vocab_parallel_log_probs_and_entropy(logits[:, prompt_length - 1:-1], responses, temperature, vocab_size)
+
+
+def response_values(token_scores: Tensor, response_width: int) -> Tensor:
+    """Per-token values ``[B, R]`` from critic outputs ``[B, P+R]`` (position ``P - 1 + t``)."""
+    return token_scores[:, -response_width - 1:-1]
+
+
+def collect_log_probs(out: list[Tensor], temperature: float, vocab_size: int,
+                      batch: Any, logits: Tensor) -> tuple[Tensor, dict]:
+    """Forward-only: append this micro-batch's log-probs and entropy, stacked ``[b, R, 2]``."""
+    seq = batch.seq if isinstance(batch, PolicyBatch) else batch
+    out.append(torch.stack(response_log_probs(logits, seq.responses, temperature, vocab_size), dim=-1))
+    return torch.zeros((), device=logits.device), {}
+
+
+def collect_critic(out: list[Tensor], kind: str, batch: Any, token_scores: Tensor) -> tuple[Tensor, dict]:
+    """Forward-only: append sequence scores ``[b]`` (``kind='scores'``) or values ``[b, R]``."""
+    seq = batch.seq if isinstance(batch, ValueBatch) else batch
+    if kind == "scores":
+        out.append(sequence_scores(token_scores, seq.response_mask, seq.prompt_length))
+    else:
+        out.append(response_values(token_scores, seq.response_mask.shape[1]))
+    return torch.zeros((), device=token_scores.device), {}
+
+
+def policy_loss_func(settings: ActorConfig, temperature: float, vocab_size: int, normalizer: Tensor,
+                     scale: float, acc: MetricAccumulator, batch: PolicyBatch,
+                     logits: Tensor) -> tuple[Tensor, dict]:
+    """PPO / GSPO loss of one micro-batch (+ entropy bonus, + KL to the reference)."""
+    mask = batch.seq.response_mask.float()
+    log_prob, entropy = response_log_probs(logits, batch.seq.responses, temperature, vocab_size)
+    mode = settings.loss_agg_mode
+    pg_loss, pg_metrics = policy_loss(
+        settings.policy_loss, log_prob, batch.old_log_probs.float(), batch.advantages.float(), mask,
+        settings.clip_low, settings.clip_high, mode,
+        clip_ratio_c=settings.clip_ratio_c if settings.policy_loss == "ppo" else None, normalizer=normalizer,
+    )
+    entropy_agg = agg_loss(entropy, mask, mode, normalizer)
+    loss = pg_loss - settings.entropy_coeff * entropy_agg if settings.entropy_coeff else pg_loss
+    if settings.use_kl_loss:
+        if batch.ref_log_probs is None:
+            raise ValueError("actor_rollout_ref.actor.use_kl_loss is set but the batch has no ref_log_probs")
+        kl = agg_loss(kl_penalty(log_prob, batch.ref_log_probs.float(), settings.kl_loss_type), mask, mode, normalizer)
+        loss = loss + settings.kl_loss_coef * kl
+        acc.add_sum("actor/kl_loss", kl)
+    tokens = mask.sum()
+    rows = (mask.sum(-1) > 0).float().sum()
+    acc.add_sum("actor/pg_loss", pg_loss)
+    acc.add_sum("actor/entropy", entropy_agg)
+    acc.add_mean("actor/pg_clipfrac", pg_metrics["pg_clipfrac"], rows if settings.policy_loss == "gspo" else tokens)
+    acc.add_mean("actor/pg_clipfrac_lower", pg_metrics["pg_clipfrac_lower"], tokens)
+    acc.add_mean("actor/ppo_kl", pg_metrics["ppo_kl"], tokens)
+    return loss * scale, {}
+
+
+def sft_loss_func(vocab_size: int, normalizer: Tensor, scale: float, acc: MetricAccumulator,
+                  batch: SftBatch, logits: Tensor) -> tuple[Tensor, dict]:
+    """Token-mean negative log-likelihood of the ``loss_mask`` tokens (shifted by one)."""
+    log_prob, _ = vocab_parallel_log_probs_and_entropy(logits[:, :-1], batch.input_ids[:, 1:], 1.0, vocab_size)
+    mask = batch.loss_mask[:, 1:].float()
+    loss = agg_loss(-log_prob, mask, "token-mean", normalizer)
+    acc.add_sum("actor/sft_loss", loss)
+    return loss * scale, {}
+
+
+def discriminator_loss_func(num_pairs: Tensor, scale: float, acc: MetricAccumulator, batch: PairBatch,
+                            token_scores: Tensor) -> tuple[Tensor, dict]:
+    """Bradley-Terry loss of one micro-batch of pairs: its share of the mini-batch mean.
+
+    ``token_scores`` ``[2b, S]``: rows ``:b`` are the students, ``b:`` the paired teachers.
+    """
+    b, prompt = batch.rows, batch.student.prompt_length
+    student = sequence_scores(token_scores[:b], batch.student.response_mask, prompt)
+    teacher = sequence_scores(token_scores[b:], batch.teacher.response_mask, prompt)
+    loss = discriminator_loss(teacher, student) * (b / num_pairs.clamp(min=1.0))
+    weight = torch.tensor(float(b), device=token_scores.device)
+    acc.add_sum("critic/d_loss", loss)
+    acc.add_mean("critic/d_acc", discriminator_accuracy(teacher, student), weight)
+    acc.add_mean("critic/student_value_mean", student.mean(), weight)
+    acc.add_mean("critic/teacher_value_mean", teacher.mean(), weight)
+    return loss * scale, {}
+
+
+def value_loss_func(cliprange_value: float, loss_agg_mode: str, normalizer: Tensor, scale: float,
+                    acc: MetricAccumulator, batch: ValueBatch, token_scores: Tensor) -> tuple[Tensor, dict]:
+    """Clipped value loss of one micro-batch (values at positions ``P - 1 + t``)."""
+    mask = batch.seq.response_mask.float()
+    vpreds = response_values(token_scores, mask.shape[1])
+    loss, metrics = value_loss(vpreds, batch.old_values.float(), batch.returns.float(), mask, cliprange_value,
+                               loss_agg_mode, normalizer)
+    tokens = mask.sum()
+    acc.add_sum("critic/vf_loss", loss)
+    acc.add_mean("critic/vf_clipfrac", metrics["vf_clipfrac"], tokens)
+    acc.add_mean("critic/vpred_mean", metrics["vpred_mean"], tokens)
+    return loss * scale, {}
+
+
+__all__ = [
+    "collect_critic", "collect_log_probs", "discriminator_loss_func", "make_forward_step",
+    "policy_loss_func", "response_log_probs", "response_values", "sft_loss_func", "value_loss_func",
+]
