@@ -128,8 +128,6 @@ def _algorithm_problems(cfg: TrainConfig) -> list[str]:
             f"algorithm.adv_estimator=grpo needs actor_rollout_ref.rollout.n >= 2 (got {rollout.n}): "
             "a group of one response has advantage 0, so nothing would be learned"
         )
-    if cfg.critic.teacher_repeat < 0:
-        problems.append(f"critic.teacher_repeat must be >= 0, got {cfg.critic.teacher_repeat}")
     return problems
 
 

@@ -4,8 +4,9 @@ Root sections: ``data``, ``algorithm``, ``actor_rollout_ref`` (``model``, ``acto
 ``ref``, ``megatron``), ``critic``, ``trainer``, ``custom_reward_function``. Every field carries a
 docstring; defaults are the design's (and verl's where the design is silent). Sections owned by
 components are the components' own dataclasses: ``data`` (:mod:`megatron_gad.data.config`),
-``actor_rollout_ref.rollout`` (:mod:`megatron_gad.rollout.base`), ``*.optim``
-(:mod:`megatron_gad.models.build`); the ones still defined here are in :data:`PLACEHOLDER_SECTIONS`.
+``actor_rollout_ref.actor`` (:mod:`megatron_gad.engine.config`), ``actor_rollout_ref.rollout``
+(:mod:`megatron_gad.rollout.base`), ``*.optim`` (:mod:`megatron_gad.models.build`). The sections
+that gather several components (``critic``, ``trainer``, ...) are defined here.
 
 Batch-size convention (verl's): ``data.train_batch_size`` and ``ppo_mini_batch_size`` count
 PROMPTS; each prompt has ``rollout.n`` responses, so a mini-batch holds
@@ -19,14 +20,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_gad.data.config import DataConfig
-from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_MODES
+from megatron_gad.engine.config import ActorConfig, CriticLossConfig
+from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.rollout.base import RolloutConfig
 
 LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
-
-#: Sections defined here because their component had not landed its own dataclass.
-PLACEHOLDER_SECTIONS: tuple[str, ...] = ("actor_rollout_ref.actor", "critic")
 
 
 def choices(options: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -97,42 +96,6 @@ class MegatronConfig:
 
 
 @dataclass
-class ActorConfig:
-    """``actor_rollout_ref.actor``: the policy objective and its optimisation (placeholder)."""
-
-    policy_loss: str = field(default="gspo", metadata=choices(POLICY_LOSS_MODES))
-    """Policy objective: ``ppo`` (token ratio), ``gspo`` (sequence ratio), ``gspo_token``."""
-    loss_agg_mode: str = field(default="seq-mean-token-mean", metadata=choices(LOSS_AGG_MODES))
-    """How per-token losses are aggregated (GSPO needs ``seq-mean-token-mean``)."""
-    clip_ratio: float = 0.2
-    """Symmetric clip range of the importance ratio."""
-    clip_ratio_low: float | None = None
-    """Lower clip range (None: ``clip_ratio``); the GSPO paper uses 3e-4."""
-    clip_ratio_high: float | None = None
-    """Upper clip range (None: ``clip_ratio``); the GSPO paper uses 4e-4."""
-    clip_ratio_c: float = 3.0
-    """Dual-clip constant for ``ppo`` with negative advantages (> 1)."""
-    ppo_epochs: int = 1
-    """Passes over each step's rollouts."""
-    ppo_mini_batch_size: int = 256
-    """PROMPTS per optimizer step (times ``rollout.n`` sequences). See ``actor_rollout_ref``."""
-    ppo_micro_batch_size_per_gpu: int = 8
-    """SEQUENCES per micro-batch on each data-parallel rank."""
-    shuffle: bool = False
-    """Shuffle sequences across mini-batches within a step."""
-    entropy_coeff: float = 0.0
-    """Weight of the entropy bonus (0: entropy is only reported)."""
-    use_kl_loss: bool = False
-    """Add ``kl_loss_coef * KL(actor || ref)`` to the policy loss (needs the reference model)."""
-    kl_loss_coef: float = 0.001
-    """Weight of the KL loss."""
-    kl_loss_type: str = field(default="low_var_kl", metadata=choices(KL_KINDS))
-    """Estimator of the KL loss."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer of the actor."""
-
-
-@dataclass
 class RefConfig:
     """``actor_rollout_ref.ref``: the frozen reference policy (same model and layout as the actor)."""
 
@@ -190,6 +153,21 @@ class CriticConfig:
     """Teacher-forced diagnostic: k > 0 gives the j-th of k teacher copies the synthetic value j."""
     megatron: MegatronConfig | None = None
     """Parallel layout of the critic (None: the actor's)."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``where.<field>`` for an invalid count or clip range."""
+        if self.ppo_epochs < 1:
+            raise ValueError(f"{where}.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.cliprange_value < 0:
+            raise ValueError(f"{where}.cliprange_value must be >= 0, got {self.cliprange_value}")
+        if self.teacher_repeat < 0:
+            raise ValueError(f"{where}.teacher_repeat must be >= 0, got {self.teacher_repeat}")
+
+    def loss_settings(self) -> CriticLossConfig:
+        """The fields the critic engine reads, as its own config (after :func:`load_config`)."""
+        assert self.ppo_micro_batch_size_per_gpu is not None, "resolved by load_config"
+        return CriticLossConfig(ppo_epochs=self.ppo_epochs, ppo_micro_batch_size_per_gpu=self.ppo_micro_batch_size_per_gpu,
+                                cliprange_value=self.cliprange_value, loss_agg_mode=self.loss_agg_mode)
 
 
 @dataclass

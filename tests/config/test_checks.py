@@ -86,8 +86,9 @@ def test_algorithm_combinations() -> None:
     _fails("grpo needs actor_rollout_ref.rollout.n >= 2", "actor_rollout_ref.rollout.n=1")
     _load("actor_rollout_ref.rollout.n=1", "algorithm.adv_estimator=gae")
     for mode in ("gspo", "gspo_token"):
-        _fails(f"policy_loss={mode} with loss_agg_mode=seq-mean-token-sum", f"actor_rollout_ref.actor.policy_loss={mode}",
-               "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
+        msg = _fails("seq-mean-token-sum", f"actor_rollout_ref.actor.policy_loss={mode}",
+                     "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
+        assert f"policy_loss={mode}" in msg and "use seq-mean-token-mean" in msg
     _load("actor_rollout_ref.actor.policy_loss=ppo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
 
 
@@ -105,6 +106,14 @@ def test_trainer_checks(tmp_path: Path) -> None:
                "trainer.logger=[console,tensorboard]")
     else:
         _load("trainer.logger=[console,tensorboard]")
+
+
+def test_critic_section_checks_and_engine_settings() -> None:
+    _fails("critic.cliprange_value must be >= 0", "critic.cliprange_value=-0.1")
+    _fails("critic.teacher_repeat must be >= 0", "critic.teacher_repeat=-1")
+    cfg = _load("critic.cliprange_value=0.2", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=4")
+    settings = cfg.critic.loss_settings()
+    assert (settings.cliprange_value, settings.ppo_micro_batch_size_per_gpu, settings.loss_agg_mode) == (0.2, 4, "token-mean")
 
 
 def test_inherited_defaults() -> None:
