@@ -27,6 +27,9 @@ from megatron_gad.rollout.base import RolloutConfig
 
 LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
 
+#: The keys seed.md places directly under ``actor_rollout_ref`` that verl keeps in ``actor``.
+ACTOR_KEYS_AT_TOP: tuple[str, ...] = ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "ppo_epochs")
+
 
 def choices(options: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Field metadata restricting a str (or list[str]) field to ``options``."""
@@ -129,6 +132,13 @@ class ActorRolloutRefConfig:
     """Design's place for ``actor.ppo_micro_batch_size_per_gpu`` (SEQUENCES per micro-batch)."""
     ppo_epochs: int | None = None
     """Design's place for ``actor.ppo_epochs``."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``where.<key>`` for a design-place batch key below 1."""
+        for key in ACTOR_KEYS_AT_TOP:
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{where}.{key} must be >= 1, got {value}")
 
 
 @dataclass
@@ -248,7 +258,3 @@ class TrainConfig:
     """Run length, warmups, checkpoints, logging."""
     custom_reward_function: RewardFunctionConfig = field(default_factory=RewardFunctionConfig)
     """Reward of standard (non-GAD) data."""
-
-
-#: The keys seed.md places directly under ``actor_rollout_ref`` that verl keeps in ``actor``.
-ACTOR_KEYS_AT_TOP: tuple[str, ...] = ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "ppo_epochs")

@@ -149,3 +149,4 @@ def test_design_place_and_verl_place_of_ppo_batch_keys(tmp_path: Path) -> None:
     path = yaml_file({"actor": {"ppo_mini_batch_size": 4}})
     assert _load("actor_rollout_ref.ppo_mini_batch_size=8", yaml_path=path).actor_rollout_ref.actor.ppo_mini_batch_size == 8
     _fails("both set in the command line", "actor_rollout_ref.ppo_epochs=1", "actor_rollout_ref.actor.ppo_epochs=2")
+    _fails("actor_rollout_ref.ppo_epochs must be >= 1, got 0", "actor_rollout_ref.ppo_epochs=0")
