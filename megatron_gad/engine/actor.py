@@ -68,6 +68,7 @@ class ActorEngine(RoleEngine):
         mini-batches: ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
         ``actor/ppo_kl``, ``actor/entropy``, (``actor/kl_loss``), ``actor/grad_norm``, ``actor/lr``.
         """
+        self.require_optimizer()
         size = mini_batch_size or batch.rows
         results = []
         for _ in range(self.settings.ppo_epochs):
@@ -93,6 +94,7 @@ class ActorEngine(RoleEngine):
     def sft_update(self, batch: SftBatch, micro_batch_size: int | None = None) -> dict[str, float]:
         """One optimizer step of token-mean NLL over ``batch.loss_mask`` tokens (the generator
         warm-up on teacher responses). Returns ``actor/sft_loss``, ``actor/grad_norm``, ``actor/lr``."""
+        self.require_optimizer()
         size = micro_batch_size or self.settings.ppo_micro_batch_size_per_gpu
         micro = split_rows(batch, size, "actor.ppo_micro_batch_size_per_gpu")
         normalizer = global_count(batch.loss_mask[:, 1:].float().sum())

@@ -76,6 +76,7 @@ class CriticEngine(RoleEngine):
         return self._epochs(batch, mini_batch_size, self._value_step)
 
     def _epochs(self, batch: Any, mini_batch_size: int | None, step: Any) -> dict[str, float]:
+        self.require_optimizer()
         results = []
         for _ in range(self.settings.ppo_epochs):
             for mini in split_rows(batch, mini_batch_size or batch.rows, "critic mini-batch size (local rows)"):

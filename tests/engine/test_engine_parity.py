@@ -14,6 +14,8 @@ proves that on the losses themselves.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,7 +86,7 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_gad.checkpoint import load_model, save_model
-    from megatron_gad.engine import ActorEngine, CriticEngine, PairBatch, PolicyBatch, SequenceBatch, ValueBatch
+    from megatron_gad.engine import ActorEngine, CriticEngine, PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch
     from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
@@ -102,7 +104,16 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     out["log_probs"], out["entropy"] = actor.compute_log_probs(student, TEMP, micro_batch_size=micro)
     out["actor_metrics"] = actor.update(
         PolicyBatch(student, d["old_log_probs"], d["advantages"], d["ref_log_probs"]), temperature=TEMP)
-    out["actor_grads"], out["actor_params"] = grads_and_params(actor)
+    out["actor_grads"], _ = grads_and_params(actor)
+    # PPO, token-mean (uneven token counts per micro-batch / DP rank), 2 epochs = 2 optimizer steps.
+    actor.settings = dataclasses.replace(actor.settings, policy_loss="ppo", loss_agg_mode="token-mean",
+                                         clip_ratio=0.2, ppo_epochs=2, use_kl_loss=False)
+    out["ppo_metrics"] = actor.update(PolicyBatch(student, d["old_log_probs"], d["advantages"]), temperature=TEMP)
+    out["ppo_grads"], _ = grads_and_params(actor)
+    sft = SftBatch(teacher.input_ids, teacher.attention_mask, teacher.position_ids,
+                   torch.cat([torch.zeros_like(teacher.input_ids[:, :P]), teacher.response_mask], dim=1))
+    out["sft_metrics"] = actor.sft_update(sft, micro_batch_size=micro)
+    out["sft_grads"], out["actor_params"] = grads_and_params(actor)
     out["scores"] = critic.compute_scores(student, micro_batch_size=micro)
     out["values"] = critic.compute_values(student, micro_batch_size=micro)
     out["d_metrics"] = critic.update_discriminator(PairBatch(student, teacher))
@@ -113,8 +124,8 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
 
 
 TENSOR_KEYS = ("log_probs", "entropy", "scores", "values")
-NAMED_KEYS = ("actor_grads", "actor_params", "d_grads", "v_grads", "critic_params")
-METRIC_KEYS = ("actor_metrics", "d_metrics", "v_metrics")
+NAMED_KEYS = ("actor_grads", "ppo_grads", "sft_grads", "actor_params", "d_grads", "v_grads", "critic_params")
+METRIC_KEYS = ("actor_metrics", "ppo_metrics", "sft_metrics", "d_metrics", "v_metrics")
 
 
 def merge(results: list[dict]) -> dict:
@@ -163,9 +174,16 @@ def test_reference_is_not_vacuous(reference) -> None:
     ref, _ = reference
     m = ref["actor_metrics"]
     assert 0.0 < m["actor/pg_clipfrac"] < 1.0, "some but not all sequences should be clipped"
+    assert 0.0 < ref["ppo_metrics"]["actor/pg_clipfrac"] < 1.0
+    assert ref["sft_metrics"]["actor/sft_loss"] > 1.0 and ref["sft_metrics"]["actor/grad_norm"] > 1e-3
+    for key in ("actor_grads", "ppo_grads", "sft_grads"):
+        assert ref[key]["output_layer.weight"][VOCAB:].abs().max() == 0.0, f"{key}: vocab padding got a gradient"
     assert m["actor/grad_norm"] > 1e-3 and ref["d_metrics"]["critic/grad_norm"] > 1e-3
-    assert ref["actor_grads"]["output_layer.weight"][VOCAB:].abs().max() == 0.0, "vocab padding got a gradient"
-    assert ref["log_probs"][2].abs().max() == 0.0 or RESP_LENS[2] == 0
+    assert set(ref["d_metrics"]) == {"critic/d_loss", "critic/d_acc", "critic/student_value_mean",
+                                     "critic/teacher_value_mean", "critic/grad_norm", "critic/lr"}
+    assert {"critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean"} <= set(ref["v_metrics"])
+    assert {"actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/kl_loss",
+            "actor/grad_norm", "actor/lr"} <= set(m)
 
 
 @pytest.mark.parametrize("tp,pp,world,micro", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{w // (t * p)}-mb{m}" for t, p, w, m in LAYOUTS])
@@ -194,7 +212,7 @@ def test_log_probs_equal_a_direct_float64_reference(reference) -> None:
 def direct_forward(data: dict, ckpt: str) -> dict:
     """TP=1 model forward without the schedule; log-softmax over the real vocab in float64."""
     from megatron_gad.checkpoint import load_model
-    from megatron_gad.engine import ActorEngine, CriticEngine
+    from megatron_gad.engine import ActorEngine, CriticEngine, PolicyBatch, SequenceBatch, ValueBatch
     from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
     from megatron_gad.models.inputs import attention_mask_4d, position_ids_from_mask
 
@@ -202,6 +220,11 @@ def direct_forward(data: dict, ckpt: str) -> dict:
     actor, critic = ActorEngine.create(cfg, args), CriticEngine.create(cfg, args)
     load_model(actor.chunks, f"{ckpt}/actor")
     load_model(critic.chunks, f"{ckpt}/critic")
+    seq = SequenceBatch.from_ids(**data["student"])
+    with pytest.raises(RuntimeError, match="without an optimizer"):
+        critic.update_values(ValueBatch(seq, data["old_values"], data["returns"]))
+    with pytest.raises(RuntimeError, match="without an optimizer"):
+        actor.update(PolicyBatch(seq, data["old_log_probs"], data["advantages"]), temperature=TEMP)
     s = data["student"]
     kw = dict(input_ids=s["input_ids"], position_ids=position_ids_from_mask(s["attention_mask"]),
               attention_mask=attention_mask_4d(s["attention_mask"]))
