@@ -40,12 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         dtype = getattr(torch, args.dtype) if args.dtype else None
         info = convert.hf_to_megatron(args.hf_dir, args.out, role=args.role, dtype=dtype)
-        if convert._rank() == 0:
+        if convert.is_main_rank():
             print(f"wrote {args.out} ({args.role}, {info['params']:,} parameters on rank 0) "
                   f"in {time.perf_counter() - start:.1f}s")
         return 0
 
-    return convert.run_cli(lambda: convert.preflight_hf(args.hf_dir, args.role, args.tp, args.pp), work, args.tp, args.pp)
+    def preflight() -> None:
+        convert.preflight_hf(args.hf_dir, args.role, args.tp, args.pp)
+        convert.check_output_free(args.out)
+
+    return convert.run_cli(preflight, work, args.tp, args.pp)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     def preflight() -> None:
         convert.preflight_megatron(args.megatron_dir, args.tp, args.pp)
         convert.parse_size(args.max_shard_size)
+        convert.check_output_free(args.out)
 
     def work() -> int:
         start = time.perf_counter()
         dtype = getattr(torch, args.dtype) if args.dtype else None
         convert.megatron_to_hf(args.megatron_dir, args.out, max_shard_size=args.max_shard_size, dtype=dtype)
-        if convert._rank() == 0:
+        if convert.is_main_rank():
             print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
         return 0
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         diff = convert.verify_logits(args.hf_dir, args.megatron_dir, args.batch, args.seq, args.seed)
         ok = diff <= args.tol
-        if convert._rank() == 0:
+        if convert.is_main_rank():
             print(f"max abs logit diff: {diff:.3e} (tol {args.tol:.1e}, TP={args.tp} PP={args.pp}) "
                   f"{'OK' if ok else 'FAIL'}")
         return 0 if ok else 1

@@ -145,6 +145,17 @@ def _check_layout(config: Any, tp: int, pp: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_output_free(out: str) -> None:
+    """Raise ConversionError when the output path already exists (checked before any work)."""
+    if os.path.exists(out):
+        raise ConversionError(f"output {out!r} already exists")
+
+
+def is_main_rank() -> bool:
+    """True on global rank 0 (or without a process group): the rank that prints summaries."""
+    return _rank() == 0
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -158,8 +169,7 @@ def _barrier() -> None:
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a temporary directory ``<out>.tmp-<pid of rank 0>`` (collective); it becomes ``out``
     when the block succeeds on every rank and is removed when it raises on rank 0."""
-    if os.path.exists(out):
-        raise ConversionError(f"output {out!r} already exists")
+    check_output_free(out)
     pid = [os.getpid()]
     if dist.is_initialized():
         dist.broadcast_object_list(pid, src=0)
@@ -443,16 +453,32 @@ def megatron_to_hf(megatron_dir: str, out: str, max_shard_size: str | int | None
 # ----------------------------------------------------------------------------------------------
 
 
+def load_hf_model(hf_dir: str, role: str) -> torch.nn.Module:
+    """The transformers model of ``hf_dir`` in fp32 (``*ForCausalLM``, or
+    ``*ForSequenceClassification`` with one label for the critic), from any safetensors layout
+    (also shards without an index, which ``from_pretrained`` does not read)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config, reader = preflight_hf(hf_dir, role)
+    if role == "critic":
+        config.num_labels = 1
+    auto = AutoModelForCausalLM if role == "actor" else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)
+    state = {name: reader.get(name).float() for name in hfm.hf_expected_shapes(config, role)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied_ok = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied_ok or unexpected:
+        raise hfm.MappingError(f"{hf_dir!r} does not load into {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
 def hf_reference_outputs(hf_dir: str, role: str, ids: Tensor) -> Tensor:
     """HF model outputs in fp32: logits ``[B, S, vocab]`` (actor) or per-token scores ``[B, S]``
     (critic: ``score(model(ids).last_hidden_state)``, the hidden state after the final norm)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    model = load_hf_model(hf_dir, role)
     with torch.no_grad():
         if role == "actor":
-            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
             return model(input_ids=ids).logits.float()
-        model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, num_labels=1)
         return model.score(model.model(input_ids=ids).last_hidden_state).squeeze(-1).float()
 
 

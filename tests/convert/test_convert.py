@@ -17,6 +17,13 @@ from safetensors.torch import load_file
 
 from megatron_gad.runtime.spawn import run_distributed
 
+# Import the heavy modules once here: forked ranks inherit them instead of importing per rank.
+import megatron.core.dist_checkpointing  # noqa: E402,F401
+import megatron.core.models.gpt  # noqa: E402,F401
+import megatron.core.pipeline_parallel  # noqa: E402,F401
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402,F401
+
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 VOCAB, TOL = 200, 1e-4

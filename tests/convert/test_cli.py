@@ -1,0 +1,149 @@
+"""The checkpoint_tools CLIs: user errors exit 2 with one line and leave no output behind;
+sharded inputs with and without an index; one end-to-end run of all three scripts as processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_gad import convert
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_tool(name: str):
+    """Import ``checkpoint_tools/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "checkpoint_tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_llama(path: str, **save_kwargs) -> str:
+    """A random tiny tied Llama (vocab 200, 2 layers, GQA) saved with save_pretrained."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    return save_tiny_llama(str(tmp_path_factory.mktemp("hf") / "model"))
+
+
+def edit_weights(src: str, dst: str, edit) -> str:
+    """Copy the HF dir ``src`` to ``dst`` with ``edit(state)`` applied to its tensors."""
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        if f.endswith(".json"):
+            with open(os.path.join(src, f)) as a, open(os.path.join(dst, f), "w") as b:
+                b.write(a.read())
+    state = load_file(os.path.join(src, "model.safetensors"))
+    edit(state)
+    save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def run_error(capsys, tool: str, argv: list[str], message: str, out: str) -> None:
+    """The tool exits 2 before doing anything, prints one ``error:`` line naming ``message``,
+    and leaves neither ``out`` nor a temporary sibling."""
+    assert load_tool(tool).main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], err
+    parent = os.path.dirname(out)
+    assert not [f for f in os.listdir(parent) if f.startswith(os.path.basename(out))] if os.path.isdir(parent) else True
+
+
+def test_hf_to_megatron_user_errors(hf_dir: str, tmp_path, capsys) -> None:
+    from transformers import GPT2Config
+
+    out = str(tmp_path / "out")
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", str(tmp_path / "nope"), "--out", out], "does not exist", out)
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(str(tmp_path / "gpt2"))
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", str(tmp_path / "gpt2"), "--out", out],
+              "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3", out)
+    bad = edit_weights(hf_dir, str(tmp_path / "bad_shape"), lambda s: s.update(
+        {"model.layers.1.mlp.up_proj.weight": s["model.layers.1.mlp.up_proj.weight"][:90]}))
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", bad, "--out", out],
+              "tensor 'model.layers.1.mlp.up_proj.weight' has shape (90, 64), expected (96, 64)", out)
+    missing = edit_weights(hf_dir, str(tmp_path / "missing"), lambda s: s.pop("model.layers.0.self_attn.v_proj.weight"))
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", missing, "--out", out],
+              "missing 1 tensor(s): model.layers.0.self_attn.v_proj.weight", out)
+    extra = edit_weights(hf_dir, str(tmp_path / "extra"), lambda s: s.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(1)}))
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", extra, "--out", out],
+              "unexpected 1 tensor(s): model.layers.2.mlp.up_proj.weight", out)
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", hf_dir, "--out", out, "--tp", "3"],
+              "TP=3 x PP=1 cannot divide the model: num_attention_heads=4 is not divisible by TP=3", out)
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", hf_dir, "--out", out, "--pp", "4"],
+              "num_hidden_layers=2 is not divisible by PP=4", out)
+    os.makedirs(out)
+    assert load_tool("hf_to_megatron").main(["--hf-dir", hf_dir, "--out", out]) == 2
+    assert "already exists" in capsys.readouterr().err and os.listdir(out) == []
+
+
+def test_megatron_side_user_errors(hf_dir: str, tmp_path, capsys) -> None:
+    out = str(tmp_path / "out")
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", hf_dir, "--out", out], "has no megatron_gad_meta.json", out)
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", str(tmp_path / "nope"), "--out", out], "does not exist", out)
+    run_error(capsys, "verify", ["--hf-dir", hf_dir, "--megatron-dir", hf_dir], "has no megatron_gad_meta.json", out)
+
+
+def test_failure_inside_output_block_leaves_nothing(tmp_path) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="boom"):
+        with convert.atomic_output_dir(out) as tmp:
+            open(os.path.join(tmp, "partial.safetensors"), "w").close()
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sharded_inputs_with_and_without_index(tmp_path) -> None:
+    sharded = save_tiny_llama(str(tmp_path / "sharded"), max_shard_size="40KB")
+    files = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))
+    assert len(files) > 2
+    with_index = convert.locate_safetensors(sharded)
+    with open(os.path.join(sharded, "model.safetensors.index.json")) as f:
+        assert with_index == {k: os.path.join(sharded, v) for k, v in json.load(f)["weight_map"].items()}
+    os.remove(os.path.join(sharded, "model.safetensors.index.json"))
+    assert convert.locate_safetensors(sharded) == with_index
+    convert.preflight_hf(sharded, "actor")
+
+
+def test_cli_end_to_end_as_processes(tmp_path) -> None:
+    """hf_to_megatron -> verify -> megatron_to_hf (sharded) as real processes; a bit-exact result."""
+    hf = save_tiny_llama(str(tmp_path / "hf"), max_shard_size="40KB")
+    os.remove(os.path.join(hf, "model.safetensors.index.json"))  # shards without an index
+    meg, back = str(tmp_path / "meg"), str(tmp_path / "back")
+
+    def run(tool: str, *argv: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, os.path.join(ROOT, "checkpoint_tools", f"{tool}.py"), *argv]
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+    r = run("hf_to_megatron", "--hf-dir", hf, "--out", meg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"config.json", "megatron_gad_meta.json", "metadata.json"} <= set(os.listdir(meg))
+    r = run("verify", "--hf-dir", hf, "--megatron-dir", meg)
+    assert r.returncode == 0 and "max abs logit diff" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = run("megatron_to_hf", "--megatron-dir", meg, "--out", back, "--max-shard-size", "50KB")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.isfile(os.path.join(back, "model.safetensors.index.json"))
+    a, b = {}, {}
+    for d, state in ((hf, a), (back, b)):
+        for f in os.listdir(d):
+            if f.endswith(".safetensors"):
+                state.update(load_file(os.path.join(d, f)))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
