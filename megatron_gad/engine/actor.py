@@ -52,11 +52,7 @@ class ActorEngine(RoleEngine):
         of ``micro_batch_size`` rows (default ``ppo_micro_batch_size_per_gpu``).
         """
         size = micro_batch_size or self.settings.ppo_micro_batch_size_per_gpu
-        vocab = self.args.vocab_size
-
-        def collect(out: list, micro: Any, logits: Tensor):
-            return collect_log_probs(out, temperature, vocab, micro, logits)
-
+        collect = functools.partial(collect_log_probs, temperature=temperature, vocab_size=self.args.vocab_size)
         shape = (batch.rows, batch.response_mask.shape[1], 2)
         both = self.infer(batch, collect, size, "log_prob_micro_batch_size_per_gpu", shape)
         return both[..., 0], both[..., 1]

@@ -51,14 +51,12 @@ class CriticEngine(RoleEngine):
 
     def compute_scores(self, batch: SequenceBatch, micro_batch_size: int | None = None) -> Tensor:
         """Forward-only sequence scores ``[B]`` fp32 (student or teacher sequences), every rank."""
-        collect = functools.partial(collect_critic, kind="scores")
-        return self.infer(batch, lambda out, mb, o: collect(out, batch=mb, token_scores=o), self._micro(micro_batch_size),
+        return self.infer(batch, functools.partial(collect_critic, kind="scores"), self._micro(micro_batch_size),
                           "critic.ppo_micro_batch_size_per_gpu", (batch.rows,))
 
     def compute_values(self, batch: SequenceBatch, micro_batch_size: int | None = None) -> Tensor:
         """Forward-only per-token values ``[B, R]`` fp32 (value of token t at ``P - 1 + t``)."""
-        collect = functools.partial(collect_critic, kind="values")
-        return self.infer(batch, lambda out, mb, o: collect(out, batch=mb, token_scores=o), self._micro(micro_batch_size),
+        return self.infer(batch, functools.partial(collect_critic, kind="values"), self._micro(micro_batch_size),
                           "critic.ppo_micro_batch_size_per_gpu", (batch.rows, batch.response_mask.shape[1]))
 
     def update_discriminator(self, pairs: PairBatch, *, mini_batch_size: int | None = None) -> dict[str, float]:

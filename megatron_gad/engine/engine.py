@@ -53,6 +53,9 @@ class RoleEngine:
         config = copy.copy(config)  # per-engine DDP hooks (no_sync_func, finalize_model_grads_func)
         chunks = build_model(lambda pre, post: provider(config, pre, post), config)
         optimizer = build_optimizer(chunks, optim, config) if optim is not None else None
+        if optimizer is not None:
+            # The schedule multiplies each loss by this before backward (fp16 loss scaling; 1 otherwise).
+            config.grad_scale_func = optimizer.scale_loss
         return cls(chunks, config, optimizer, **kwargs)
 
     @property

@@ -64,15 +64,15 @@ def response_values(token_scores: Tensor, response_width: int) -> Tensor:
     return token_scores[:, -response_width - 1:-1]
 
 
-def collect_log_probs(out: list[Tensor], temperature: float, vocab_size: int,
-                      batch: Any, logits: Tensor) -> tuple[Tensor, dict]:
+def collect_log_probs(out: list[Tensor], batch: Any, logits: Tensor, *, temperature: float,
+                      vocab_size: int) -> tuple[Tensor, dict]:
     """Forward-only: append this micro-batch's log-probs and entropy, stacked ``[b, R, 2]``."""
     seq = batch.seq if isinstance(batch, PolicyBatch) else batch
     out.append(torch.stack(response_log_probs(logits, seq.responses, temperature, vocab_size), dim=-1))
     return torch.zeros((), device=logits.device), {}
 
 
-def collect_critic(out: list[Tensor], kind: str, batch: Any, token_scores: Tensor) -> tuple[Tensor, dict]:
+def collect_critic(out: list[Tensor], batch: Any, token_scores: Tensor, *, kind: str) -> tuple[Tensor, dict]:
     """Forward-only: append sequence scores ``[b]`` (``kind='scores'``) or values ``[b, R]``."""
     seq = batch.seq if isinstance(batch, ValueBatch) else batch
     if kind == "scores":

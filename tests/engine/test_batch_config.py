@@ -1,0 +1,82 @@
+"""Typed engine batches and settings: shapes, pairing, splitting and the errors users can cause."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_gad.engine import (
+    ActorConfig,
+    CriticLossConfig,
+    PairBatch,
+    PolicyBatch,
+    SequenceBatch,
+    local_mini_batch_size,
+    split_rows,
+)
+
+
+def seq(rows: int, prompt: int, resp: int, lengths: list[int]) -> SequenceBatch:
+    ids = torch.arange(rows * (prompt + resp)).view(rows, prompt + resp) + 1
+    mask = torch.ones(rows, prompt + resp, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, prompt + n:] = 0
+    return SequenceBatch.from_ids(ids * mask, mask, mask[:, prompt:].clone())
+
+
+def test_sequence_batch_layout_and_shape_errors() -> None:
+    b = seq(2, 3, 4, [4, 1])
+    assert b.rows == 2 and b.prompt_length == 3
+    assert torch.equal(b.responses, b.input_ids[:, 3:])
+    with pytest.raises(ValueError, match="attention_mask"):
+        SequenceBatch(b.input_ids, b.attention_mask[:, 1:], b.position_ids, b.response_mask)
+    with pytest.raises(ValueError, match="response_mask"):
+        SequenceBatch(b.input_ids, b.attention_mask, b.position_ids, b.response_mask[:1])
+
+
+def test_pair_batch_stacks_student_then_teacher_right_padded() -> None:
+    student, teacher = seq(2, 3, 4, [4, 2]), seq(2, 3, 2, [1, 2])
+    stacked = PairBatch(student, teacher).stacked()
+    assert stacked.input_ids.shape == (4, 7) and stacked.response_mask.shape == (4, 4)
+    assert torch.equal(stacked.input_ids[:2], student.input_ids)
+    assert torch.equal(stacked.input_ids[2:, :5], teacher.input_ids)
+    assert stacked.attention_mask[2:, 5:].sum() == 0 and stacked.response_mask[2:, 2:].sum() == 0
+    with pytest.raises(ValueError, match="align row by row"):
+        PairBatch(student, seq(3, 3, 2, [1, 1, 1]))
+
+
+def test_split_rows_recurses_and_names_the_setting() -> None:
+    b = seq(4, 2, 3, [3, 2, 1, 0])
+    policy = PolicyBatch(b, torch.randn(4, 3), torch.randn(4, 3))
+    parts = split_rows(policy, 2, "actor.ppo_micro_batch_size_per_gpu")
+    assert [p.rows for p in parts] == [2, 2]
+    assert torch.equal(parts[1].old_log_probs, policy.old_log_probs[2:])
+    assert torch.equal(parts[1].seq.response_mask, b.response_mask[2:]) and parts[1].ref_log_probs is None
+    with pytest.raises(ValueError, match="actor.ppo_micro_batch_size_per_gpu=3"):
+        split_rows(policy, 3, "actor.ppo_micro_batch_size_per_gpu")
+
+
+def test_actor_config_validation_names_fields() -> None:
+    cfg = ActorConfig(clip_ratio=0.2, clip_ratio_high=0.28)
+    assert (cfg.clip_low, cfg.clip_high) == (0.2, 0.28)
+    cfg.validate()
+    with pytest.raises(ValueError, match="policy_loss"):
+        ActorConfig(policy_loss="grpo").validate()
+    with pytest.raises(ValueError, match="seq-mean-token-sum"):
+        ActorConfig(policy_loss="gspo", loss_agg_mode="seq-mean-token-sum").validate()
+    with pytest.raises(ValueError, match="kl_loss_type"):
+        ActorConfig(kl_loss_type="forward").validate()
+    with pytest.raises(ValueError, match="clip_ratio_low"):
+        ActorConfig(clip_ratio_low=-0.1).validate()
+    ActorConfig(policy_loss="ppo", loss_agg_mode="seq-mean-token-sum").validate()
+
+
+def test_critic_config_and_mini_batch_size() -> None:
+    CriticLossConfig().validate()
+    with pytest.raises(ValueError, match="critic.cliprange_value"):
+        CriticLossConfig(cliprange_value=-1.0).validate()
+    with pytest.raises(ValueError, match="critic.loss_agg_mode"):
+        CriticLossConfig(loss_agg_mode="mean").validate()
+    assert local_mini_batch_size(4, 8, 2, "actor_rollout_ref.actor") == 16
+    with pytest.raises(ValueError, match="actor_rollout_ref.actor.ppo_mini_batch_size"):
+        local_mini_batch_size(3, 1, 2, "actor_rollout_ref.actor")
