@@ -1,62 +1,71 @@
-"""Entry point: ``torchrun --nproc_per_node N examples/pretrain_gad.py``.
+"""Train a student with Generative Adversarial Distillation (or PPO / GSPO) on megatron-core.
 
-Until the GAD trainer lands this runs a short smoke training of the tiny actor on CPU: next-token
-prediction on a repeating token pattern through Megatron's pipeline schedule, DDP and optimizer.
-TP/PP come from the MGAD_TP / MGAD_PP environment variables (default 1).
+    torchrun --nproc_per_node N examples/pretrain_gad.py [--config FILE.yaml] [dotted.key=value ...]
+
+With no arguments it runs the embedded CPU demo (examples/configs/demo.yaml): the tiny addition
+task whose data, tokenizer and model configs are generated under examples/data/demo/ on first use.
+The mode follows from the data: rows with ``teacher_response`` train GAD.
 """
 
+import argparse
 import os
+import sys
 
-import torch
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
+DEMO_ASSETS = os.path.join(REPO, "examples", "data", "demo")
 
 
-def main() -> None:
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-    from transformers import LlamaConfig
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config file (default: the embedded demo)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.critic_warmup=10")
+    args = parser.parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            parser.error(f"override {item!r} is not of the form dotted.key=value")
+    return args.config, args.overrides
 
-    from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
-    from megatron_gad.models.actor import build_actor
-    from megatron_gad.models.build import OptimConfig, build_model, build_optimizer
-    from megatron_gad.models.inputs import attention_mask_4d, position_ids_from_mask
-    from megatron_gad.runtime import destroy_distributed, init_distributed
 
-    tp, pp = int(os.environ.get("MGAD_TP", 1)), int(os.environ.get("MGAD_PP", 1))
-    info = init_distributed(tp=tp, pp=pp)
-    hf = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    cfg = transformer_config_from_hf(hf, tp=tp, pp=pp)
-    args = model_args_from_hf(hf)
-    chunks = build_model(lambda pre, post: build_actor(cfg, args, pre, post), cfg)
-    optimizer = build_optimizer(chunks, OptimConfig(lr=3e-3), cfg)
-    seq = 24
-    tokens = (torch.arange(8 * (seq + 1)).view(8, seq + 1) * 7 % 13 + 1)  # learnable pattern
-    mask = torch.ones(8, seq, dtype=torch.long)
+def prepare_demo_assets(timeout_s: float = 600.0) -> None:
+    """Rank 0 generates the demo assets if absent (atomically); the other ranks wait for them."""
+    import time
 
-    def forward_step(data_iterator, model):
-        ids, labels = next(data_iterator)
-        out = model(input_ids=ids, position_ids=position_ids_from_mask(mask), attention_mask=attention_mask_4d(mask))
+    from megatron_gad.data.demo import ensure_demo_assets, read_manifest
 
-        def loss_func(logits):
-            loss = vocab_parallel_cross_entropy(logits.float(), labels).mean()
-            return loss, {"loss": loss.detach()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        ensure_demo_assets(DEMO_ASSETS)
+        return
+    deadline = time.monotonic() + timeout_s
+    while read_manifest(DEMO_ASSETS) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not produce the demo assets in {DEMO_ASSETS} within {timeout_s:.0f}s")
+        time.sleep(0.5)
 
-        return out, loss_func
 
-    for step in range(30):
-        optimizer.zero_grad()
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([(tokens[:, :-1], tokens[:, 1:])]),
-            model=chunks, num_microbatches=1, seq_length=seq, micro_batch_size=8, forward_only=False,
-        )
-        optimizer.step()
-        if ps.is_pipeline_last_stage() and info.tp_rank == 0 and info.dp_rank == 0 and step % 5 == 0:
-            print(f"step {step:3d}  loss {losses[0]['loss'].item():.4f}", flush=True)
-    destroy_distributed()
+def main(argv: list[str]) -> int:
+    config_path, overrides = parse_args(argv)
+    demo = config_path is None
+    if demo:
+        os.chdir(REPO)  # the demo config's paths are relative to the repository root
+        config_path = DEMO_CONFIG
+
+    from megatron_gad.config import ConfigError, format_config, load_config
+    from megatron_gad.data.dataset import DataError
+    from megatron_gad.trainer import TrainingStopped, run
+
+    try:
+        cfg = load_config(config_path, overrides)
+        if demo:
+            prepare_demo_assets()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_config(cfg), flush=True)
+        run(cfg)
+    except (ConfigError, DataError, FileNotFoundError, ValueError, TimeoutError, TrainingStopped) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

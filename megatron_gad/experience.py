@@ -12,35 +12,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from megatron_gad.engine.batch import SequenceBatch
 from megatron_gad.losses import gae_advantages, grpo_advantages
 from megatron_gad.models.critic import place_at_last_token
-from megatron_gad.models.inputs import position_ids_from_mask
 
 ADV_ESTIMATORS = ("grpo", "gae")
 
 
-@dataclass
-class Sequences:
-    """Prompt+response token sequences as every model consumes them (all ``[N, P + R]``)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    response_mask: Tensor  # [N, R]
-    prompt_length: int
-
-    @property
-    def responses(self) -> Tensor:
-        """Response token ids ``[N, R]``."""
-        return self.input_ids[:, self.prompt_length:]
-
-    def rows(self, index: Tensor | slice) -> "Sequences":
-        """The sub-batch of the given rows."""
-        return Sequences(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
-                         self.response_mask[index], self.prompt_length)
-
-
-def join(prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> Sequences:
+def join(prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> SequenceBatch:
     """Join left-padded prompts ``[N, P]`` and right-padded responses ``[N, R]``.
 
     The attention mask covers valid prompt and response tokens; position ids count valid tokens,
@@ -51,17 +30,16 @@ def join(prompt_ids: Tensor, prompt_mask: Tensor, responses: Tensor, response_ma
     response_mask = response_mask.to(prompt_mask.dtype)
     input_ids = torch.cat([prompt_ids, responses], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    return Sequences(input_ids, attention_mask, position_ids_from_mask(attention_mask),
-                     response_mask, prompt_ids.shape[1])
+    return SequenceBatch.from_ids(input_ids, attention_mask, response_mask)
 
 
 @dataclass
 class Experience:
     """Everything one step learns from, aligned row by row (``N = prompts * n``)."""
 
-    student: Sequences
+    student: SequenceBatch
     group_index: Tensor  # [N] int64 prompt id
-    teacher: Sequences | None = None  # GAD: the prompt's teacher response, repeated per row
+    teacher: SequenceBatch | None = None  # GAD: the prompt's teacher response, repeated per row
     rollout_log_probs: Tensor | None = None  # [N, R] from the rollout engine
     old_log_probs: Tensor | None = None  # [N, R] recomputed by the Megatron actor
     ref_log_probs: Tensor | None = None  # [N, R] reference policy (KL)

@@ -1,0 +1,67 @@
+"""Export a live (training) Megatron model to a Hugging Face directory, at any TP/PP layout.
+
+The streaming weight exporter of the rollout path gathers the HF-named tensors bucket by bucket
+onto global rank 0, which writes them as safetensors shards; the directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_gad.convert import _finish_shards, _ShardWriter, atomic_output_dir, hf_output_config
+from megatron_gad.rollout.weight_export import WeightExporter
+
+#: Tokenizer and generation files copied next to the weights when the source directory has them.
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+             "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def export_hf_from_chunks(
+    chunks: list[torch.nn.Module],
+    hf_config: Any,
+    out_dir: str,
+    aux_dir: str | None = None,
+    *,
+    role: str = "actor",
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 5 * 2**30,
+    replace: bool = True,
+) -> None:
+    """Write ``chunks`` (this rank's stage) as an HF directory at ``out_dir`` (collective).
+
+    ``aux_dir``: where tokenizer files are copied from. ``replace``: an existing ``out_dir`` is
+    replaced once the new one is complete.
+    """
+    rank = dist.get_rank()
+    final = os.path.abspath(out_dir)
+    staging = f"{final}.new"
+    if rank == 0 and os.path.exists(staging):
+        shutil.rmtree(staging)
+    dist.barrier()
+    exporter = WeightExporter(chunks, hf_config, dtype=dtype, dst_ranks=(0,), role=role,
+                              bucket_bytes=min(max_shard_bytes, 512 * 2**20))
+    with atomic_output_dir(staging) as tmp:
+        writer = _ShardWriter(tmp, "part", max_shard_bytes)
+        for bucket in exporter.buckets():
+            for name, tensor in bucket:
+                if rank == 0:
+                    writer.add(name, tensor.detach().to(dtype=dtype).contiguous().clone())
+        if rank == 0:
+            writer.flush()
+            _finish_shards(tmp, writer.files)
+            hf_output_config(hf_config, role, dtype).save_pretrained(tmp)
+            for name in AUX_FILES if aux_dir else ():
+                if os.path.isfile(os.path.join(aux_dir, name)):
+                    shutil.copy2(os.path.join(aux_dir, name), os.path.join(tmp, name))
+    if rank == 0:
+        if os.path.exists(final):
+            if not replace:
+                raise FileExistsError(f"{final} exists")
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    dist.barrier()
