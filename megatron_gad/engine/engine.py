@@ -48,14 +48,19 @@ class RoleEngine:
     @classmethod
     def build(cls, provider: Callable[[Any, bool, bool], torch.nn.Module], config: Any,
               optim: OptimConfig | None, **kwargs: Any) -> "RoleEngine":
-        """Build this rank's stage with ``provider(config, pre_process, post_process)``, wrap it
-        in DDP and (unless ``optim`` is None) build its optimizer. All ranks call it."""
+        """Build this rank's stage with ``provider(config, pre_process, post_process)``; with an
+        ``optim`` wrap it in DDP and build its optimizer, without one build a frozen inference
+        model (plain module, ``requires_grad`` off: no gradient buffers). All ranks call it."""
         config = copy.copy(config)  # per-engine DDP hooks (no_sync_func, finalize_model_grads_func)
+        if optim is None:  # frozen: no DDP wrapper, no gradient buffers, no autograd state
+            ps = _ps()
+            model = provider(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()).to(device())
+            model.requires_grad_(False)
+            return cls([model], config, None, **kwargs)
         chunks = build_model(lambda pre, post: provider(config, pre, post), config)
-        optimizer = build_optimizer(chunks, optim, config) if optim is not None else None
-        if optimizer is not None:
-            # The schedule multiplies each loss by this before backward (fp16 loss scaling; 1 otherwise).
-            config.grad_scale_func = optimizer.scale_loss
+        optimizer = build_optimizer(chunks, optim, config)
+        # The schedule multiplies each loss by this before backward (fp16 loss scaling; 1 otherwise).
+        config.grad_scale_func = optimizer.scale_loss
         return cls(chunks, config, optimizer, **kwargs)
 
     @property

@@ -97,11 +97,14 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     critic = CriticEngine.create(cfg, args, critic_cfg, optim)
     for engine, name in ((actor, "actor"), (critic, "critic")):
         (save_model if save else load_model)(engine.chunks, f"{ckpt}/{name}")
+    frozen = ActorEngine.create(cfg, args, actor_cfg)  # reference policy: no optimizer, no DDP
+    load_model(frozen.chunks, f"{ckpt}/actor")
     share = ROWS // dp
     d = rows_of(data, dp_rank * share, (dp_rank + 1) * share)
     student, teacher = (SequenceBatch.from_ids(**d[k]) for k in ("student", "teacher"))
     out = {"dp_rank": dp_rank}
     out["log_probs"], out["entropy"] = actor.compute_log_probs(student, TEMP, micro_batch_size=micro)
+    out["frozen_log_probs"], _ = frozen.compute_log_probs(student, TEMP, micro_batch_size=micro)
     out["actor_metrics"] = actor.update(
         PolicyBatch(student, d["old_log_probs"], d["advantages"], d["ref_log_probs"]), temperature=TEMP)
     out["actor_grads"], _ = grads_and_params(actor)
@@ -123,7 +126,7 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     return out
 
 
-TENSOR_KEYS = ("log_probs", "entropy", "scores", "values")
+TENSOR_KEYS = ("log_probs", "frozen_log_probs", "entropy", "scores", "values")
 NAMED_KEYS = ("actor_grads", "ppo_grads", "sft_grads", "actor_params", "d_grads", "v_grads", "critic_params")
 METRIC_KEYS = ("actor_metrics", "ppo_metrics", "sft_metrics", "d_metrics", "v_metrics")
 
@@ -172,6 +175,7 @@ def reference(tmp_path_factory) -> tuple[dict, str]:
 
 def test_reference_is_not_vacuous(reference) -> None:
     ref, _ = reference
+    assert torch.equal(ref["frozen_log_probs"], ref["log_probs"])
     m = ref["actor_metrics"]
     assert 0.0 < m["actor/pg_clipfrac"] < 1.0, "some but not all sequences should be clipped"
     assert 0.0 < ref["ppo_metrics"]["actor/pg_clipfrac"] < 1.0
@@ -205,8 +209,10 @@ def test_log_probs_equal_a_direct_float64_reference(reference) -> None:
     lp_diff = ((ref["log_probs"].double() - direct["log_probs"]) * mask).abs().max().item()
     ent_diff = ((ref["entropy"].double() - direct["entropy"]) * mask).abs().max().item()
     score_diff = (ref["scores"].double() - direct["scores"]).abs().max().item()
-    print(f"\nengine vs direct float64: log_probs {lp_diff:.1e}, entropy {ent_diff:.1e}, scores {score_diff:.1e}")
-    assert lp_diff < 1e-5 and ent_diff < 1e-5 and score_diff < 1e-5
+    frozen_diff = ((direct["frozen_log_probs"].double() - direct["log_probs"]) * mask).abs().max().item()
+    print(f"\nengine vs direct float64: log_probs {lp_diff:.1e}, entropy {ent_diff:.1e}, scores {score_diff:.1e}, "
+          f"frozen engine log_probs {frozen_diff:.1e}")
+    assert lp_diff < 1e-5 and ent_diff < 1e-5 and score_diff < 1e-5 and frozen_diff < 1e-5
 
 
 def direct_forward(data: dict, ckpt: str) -> dict:
@@ -215,6 +221,7 @@ def direct_forward(data: dict, ckpt: str) -> dict:
     from megatron_gad.engine import ActorEngine, CriticEngine, PolicyBatch, SequenceBatch, ValueBatch
     from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
     from megatron_gad.models.inputs import attention_mask_4d, position_ids_from_mask
+    from megatron_gad.models.sharding import unwrap
 
     cfg, args = transformer_config_from_hf(hf_config()), model_args_from_hf(hf_config())
     actor, critic = ActorEngine.create(cfg, args), CriticEngine.create(cfg, args)
@@ -228,13 +235,15 @@ def direct_forward(data: dict, ckpt: str) -> dict:
     s = data["student"]
     kw = dict(input_ids=s["input_ids"], position_ids=position_ids_from_mask(s["attention_mask"]),
               attention_mask=attention_mask_4d(s["attention_mask"]))
+    frozen_lp, _ = actor.compute_log_probs(seq, TEMP, micro_batch_size=4)  # frozen engine, no DDP
+    assert not any(p.requires_grad for p in actor.chunks[0].parameters())
     with torch.no_grad():
-        logits = actor.chunks[0].module(**kw).double()[:, P - 1:-1, :VOCAB] / TEMP
-        token_scores = critic.chunks[0].module(**kw).double()
+        logits = unwrap(actor.chunks[0])(**kw).double()[:, P - 1:-1, :VOCAB] / TEMP
+        token_scores = unwrap(critic.chunks[0])(**kw).double()
     logp = torch.log_softmax(logits, -1)
     lengths = s["response_mask"].sum(-1)
     return {"log_probs": logp.gather(-1, s["input_ids"][:, P:, None]).squeeze(-1),
-            "entropy": -(logp.exp() * logp).sum(-1),
+            "entropy": -(logp.exp() * logp).sum(-1), "frozen_log_probs": frozen_lp,
             "scores": token_scores[torch.arange(ROWS), P - 1 + lengths]}
 
 
