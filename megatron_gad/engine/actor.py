@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from megatron_gad.engine.batch import PolicyBatch, SequenceBatch, SftBatch, split_rows
+from megatron_gad.engine.batch import PolicyBatch, SequenceBatch, SftBatch, shuffled, split_rows
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.engine import RoleEngine
 from megatron_gad.engine.forward_step import collect_log_probs, policy_loss_func, sft_loss_func
@@ -34,6 +34,7 @@ class ActorEngine(RoleEngine):
         super().__init__(chunks, config, optimizer)
         self.args = args
         self.settings = settings
+        self._updates = 0  # seeds the optional shuffle identically on every rank
 
     @classmethod
     def create(cls, config: Any, args: ModelArgs, settings: ActorConfig | None = None,
@@ -60,15 +61,19 @@ class ActorEngine(RoleEngine):
     def update(self, batch: PolicyBatch, *, temperature: float, mini_batch_size: int | None = None) -> dict[str, float]:
         """``ppo_epochs`` passes of the policy loss over ``batch`` (this DP rank's rows), one
         optimizer step per mini-batch of ``mini_batch_size`` local rows (default: all of them,
-        see :func:`engine.config.local_mini_batch_size`). Returns metrics averaged over
+        see :func:`engine.config.local_mini_batch_size`): mini-batch k is local rows
+        ``[k m, (k+1) m)`` on every DP rank (after a per-epoch row shuffle when ``shuffle``).
+        Returns metrics averaged over
         mini-batches: ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
         ``actor/ppo_kl``, ``actor/entropy``, (``actor/kl_loss``), ``actor/grad_norm``, ``actor/lr``.
         """
         self.require_optimizer()
         size = mini_batch_size or batch.rows
         results = []
-        for _ in range(self.settings.ppo_epochs):
-            for mini in split_rows(batch, size, "actor mini-batch size (local sequences)"):
+        self._updates += 1
+        for epoch in range(self.settings.ppo_epochs):
+            rows = shuffled(batch, self._updates * 1000 + epoch) if self.settings.shuffle else batch
+            for mini in split_rows(rows, size, "actor mini-batch size (local sequences)"):
                 results.append(self._policy_step(mini, temperature))
         return mean_metrics(results)
 

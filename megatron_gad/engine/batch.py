@@ -161,17 +161,33 @@ def model_inputs(batch: object) -> tuple[Tensor, Tensor, Tensor]:
     return batch.input_ids, batch.position_ids, batch.attention_mask
 
 
-def slice_rows(batch: B, start: int, stop: int) -> B:
-    """Rows ``[start, stop)`` of any batch above (tensor fields sliced, nested batches recursed)."""
+def _map_rows(batch: B, fn) -> B:
     values = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
         if isinstance(value, Tensor):
-            value = value[start:stop]
+            value = fn(value)
         elif dataclasses.is_dataclass(value):
-            value = slice_rows(value, start, stop)
+            value = _map_rows(value, fn)
         values[f.name] = value
     return type(batch)(**values)
+
+
+def slice_rows(batch: B, start: int, stop: int) -> B:
+    """Rows ``[start, stop)`` of any batch above (tensor fields sliced, nested batches recursed)."""
+    return _map_rows(batch, lambda t: t[start:stop])
+
+
+def take_rows(batch: B, index: Tensor) -> B:
+    """The rows ``index`` (int64 ``[k]``) of any batch above, in that order."""
+    return _map_rows(batch, lambda t: t[index.to(t.device)])
+
+
+def shuffled(batch: B, seed: int) -> B:
+    """``batch`` with its rows permuted by a CPU generator seeded with ``seed``: the same
+    permutation on every rank that passes the same seed (all ranks of a data-parallel replica)."""
+    perm = torch.randperm(batch.rows, generator=torch.Generator().manual_seed(seed))
+    return take_rows(batch, perm)
 
 
 def split_rows(batch: B, size: int, what: str) -> list[B]:

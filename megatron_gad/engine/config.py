@@ -43,7 +43,7 @@ class ActorConfig:
     ppo_micro_batch_size_per_gpu: int = 8
     """SEQUENCES per micro-batch on each data-parallel rank."""
     shuffle: bool = False
-    """Shuffle sequences across mini-batches within a step (applied by the caller's batching)."""
+    """Shuffle this rank's rows before splitting them into mini-batches, anew each epoch."""
     entropy_coeff: float = 0.0
     """Weight of the entropy bonus (0: entropy is only reported)."""
     use_kl_loss: bool = False

@@ -14,6 +14,7 @@ from megatron_gad.engine import (
     local_mini_batch_size,
     split_rows,
 )
+from megatron_gad.engine.batch import shuffled
 
 
 def seq(rows: int, prompt: int, resp: int, lengths: list[int]) -> SequenceBatch:
@@ -54,6 +55,16 @@ def test_split_rows_recurses_and_names_the_setting() -> None:
     assert torch.equal(parts[1].seq.response_mask, b.response_mask[2:]) and parts[1].ref_log_probs is None
     with pytest.raises(ValueError, match="actor.ppo_micro_batch_size_per_gpu=3"):
         split_rows(policy, 3, "actor.ppo_micro_batch_size_per_gpu")
+
+
+def test_shuffled_permutes_every_field_alike_and_is_seeded() -> None:
+    b = seq(6, 2, 3, [3, 2, 1, 0, 3, 1])
+    policy = PolicyBatch(b, torch.arange(6.0)[:, None].expand(6, 3), torch.randn(6, 3))
+    one, same, other = shuffled(policy, 7), shuffled(policy, 7), shuffled(policy, 8)
+    order = one.old_log_probs[:, 0].long()
+    assert sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
+    assert torch.equal(one.seq.input_ids, b.input_ids[order]) and torch.equal(one.advantages, policy.advantages[order])
+    assert torch.equal(same.old_log_probs, one.old_log_probs) and not torch.equal(other.old_log_probs, one.old_log_probs)
 
 
 def test_actor_config_validation_names_fields() -> None:

@@ -272,3 +272,42 @@ def test_data_is_sensitive_to_the_normaliser(reference) -> None:
     assert abs(local_pg - global_pg) > 1e-2 * abs(global_pg)
     local_vf = sum(vf(lo, hi) for lo, hi in pieces) / len(pieces)
     assert abs(local_vf - vf(0, ROWS)) > 1e-2 * abs(vf(0, ROWS))
+
+
+def test_mini_batches_epochs_and_shuffle_take_one_step_each(reference) -> None:
+    """4 optimizer steps (2 mini-batches x 2 epochs, rows shuffled per epoch): finite metrics
+    averaged over the steps, lr reported, weights moved from the checkpoint."""
+    _, ckpt = reference
+    out = run_distributed(_multi_step, 1, args=(make_data(), ckpt), timeout_s=120)[0]
+    assert out["steps"] == 4 and out["moved"] > 1e-4
+    assert all(v == v and abs(v) < 1e6 for v in out["metrics"].values()) and out["metrics"]["actor/lr"] == 1e-3
+
+
+def _multi_step(data: dict, ckpt: str) -> dict:
+    import math
+
+    from megatron_gad.checkpoint import load_model
+    from megatron_gad.engine import ActorEngine, PolicyBatch, SequenceBatch
+    from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
+
+    cfg, args = transformer_config_from_hf(hf_config()), model_args_from_hf(hf_config())
+    actor_cfg, _, optim = settings(2)
+    actor_cfg = dataclasses.replace(actor_cfg, ppo_epochs=2, shuffle=True)
+    actor = ActorEngine.create(cfg, args, actor_cfg, optim)
+    load_model(actor.chunks, f"{ckpt}/actor")
+    before = [p.detach().clone() for p in actor.chunks[0].parameters()]
+    steps = 0
+    step_once = actor.optimizer_step
+
+    def counted() -> dict:
+        nonlocal steps
+        steps += 1
+        return step_once()
+
+    actor.optimizer_step = counted  # count the real steps taken
+    seq = SequenceBatch.from_ids(**data["student"])
+    metrics = actor.update(PolicyBatch(seq, data["old_log_probs"], data["advantages"], data["ref_log_probs"]),
+                           temperature=TEMP, mini_batch_size=4)
+    moved = max((p - b).abs().max().item() for p, b in zip(actor.chunks[0].parameters(), before))
+    assert not any(math.isnan(v) for v in metrics.values())
+    return {"steps": steps, "moved": moved, "metrics": metrics}
