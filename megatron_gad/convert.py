@@ -196,7 +196,8 @@ def build_stage(config: Any, role: str, dtype: torch.dtype) -> torch.nn.Module:
     from megatron_gad.models.critic import build_critic
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    cfg = transformer_config_from_hf(config, tp=tp, pp=pp, params_dtype=dtype)
+    # Every parameter is overwritten right after (HF tensors or a checkpoint): skip random init.
+    cfg = transformer_config_from_hf(config, tp=tp, pp=pp, params_dtype=dtype, perform_initialization=False)
     builder = build_actor if role == "actor" else build_critic
     model = builder(cfg, model_args_from_hf(config), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
     return model.to("cuda" if torch.cuda.is_available() else "cpu")

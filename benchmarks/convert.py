@@ -1,0 +1,114 @@
+"""Benchmark the HF <-> Megatron converters against the raw safetensors read+write time.
+
+    python benchmarks/convert.py [--hidden 1024 --layers 8 --vocab 32000 --dtype bfloat16]
+
+Writes a random Llama checkpoint (default ~160M parameters, ~320 MB in bf16) as one safetensors
+file, then times, in one process (TP=1, PP=1, after imports and process-group set-up):
+
+- raw: read every tensor of the HF file and write them to a new safetensors file (the practical
+  limit of any converter that must read and write those bytes);
+- hf_to_megatron: :func:`megatron_gad.convert.hf_to_megatron` (read, fuse, build, save);
+- megatron_to_hf: :func:`megatron_gad.convert.megatron_to_hf` (load, gather, split, write);
+
+and prints seconds, GB/s (HF bytes / seconds) and the ratio to the raw time. The round trip is
+checked bit-exact. Run it on an otherwise idle machine for stable numbers (the file cache is warm
+for every row: each reads what an earlier step just wrote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+
+def write_random_llama(directory: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype) -> int:
+    """A random untied GQA Llama (heads = hidden / 64, kv heads = heads / 2, ffn = 2.75 hidden)
+    saved as config.json + model.safetensors; returns the tensor bytes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from megatron_gad.models.hf_mapping import hf_expected_shapes
+
+    heads = hidden // 64
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         tie_word_embeddings=False, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    state = {n: (torch.randn(s, generator=g) * 0.02).to(dtype) for n, s in hf_expected_shapes(config).items()}
+    os.makedirs(directory)
+    config.save_pretrained(directory)
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def raw_read_write(src: str, dst: str) -> float:
+    """Seconds to read every tensor of ``src`` and write them all to ``dst``."""
+    from safetensors.torch import load_file, save_file
+
+    start = time.perf_counter()
+    save_file(load_file(src), dst, metadata={"format": "pt"})
+    return time.perf_counter() - start
+
+
+def timed_conversions(work: str) -> dict[str, float]:
+    """One rank (TP=1, PP=1): time both directions (called inside ``run_distributed``)."""
+    from megatron_gad import convert
+
+    times = {}
+    start = time.perf_counter()
+    convert.hf_to_megatron(os.path.join(work, "hf"), os.path.join(work, "megatron"))
+    times["hf_to_megatron"] = time.perf_counter() - start
+    start = time.perf_counter()
+    convert.megatron_to_hf(os.path.join(work, "megatron"), os.path.join(work, "hf_back"))
+    times["megatron_to_hf"] = time.perf_counter() - start
+    return times
+
+
+def check_round_trip(work: str) -> None:
+    """Raise when the exported tensors differ from the source in any bit."""
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(work, "hf", "model.safetensors"))
+    b = load_file(os.path.join(work, "hf_back", "model.safetensors"))
+    if set(a) != set(b) or not all(torch.equal(a[k], b[k]) for k in a):
+        raise RuntimeError("round trip is not bit-exact")
+
+
+def main() -> None:
+    """Parse arguments, run, print the table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir)")
+    args = p.parse_args()
+
+    import megatron.core.models.gpt  # noqa: F401  (imported before forking the rank)
+
+    from megatron_gad.runtime.spawn import run_distributed
+
+    work = tempfile.mkdtemp(prefix="mgad_bench_", dir=args.workdir)
+    try:
+        nbytes = write_random_llama(os.path.join(work, "hf"), args.hidden, args.layers, args.vocab, getattr(torch, args.dtype))
+        raw = raw_read_write(os.path.join(work, "hf", "model.safetensors"), os.path.join(work, "raw.safetensors"))
+        times = run_distributed(timed_conversions, 1, timeout_s=1800, args=(work,))[0]
+        check_round_trip(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    gb = nbytes / 1e9
+    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}: "
+          f"{gb * 1e3:.0f} MB of tensors; {torch.get_num_threads()} torch threads; round trip bit-exact")
+    print(f"{'step':<16}{'seconds':>10}{'GB/s':>10}{'x raw':>10}")
+    print(f"{'raw read+write':<16}{raw:>10.2f}{gb / raw:>10.2f}{1.0:>10.2f}")
+    for name, sec in times.items():
+        print(f"{name:<16}{sec:>10.2f}{gb / sec:>10.2f}{sec / raw:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
