@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,11 +33,14 @@ def load_reward_fn(path: str | None, name: str = "compute_score") -> RewardFn:
         return demo_reward
     if not os.path.isfile(path):
         raise RewardFunctionError(f"custom_reward_function.path={path!r}: no such file")
-    spec = importlib.util.spec_from_file_location(f"mgad_reward_{abs(hash(path))}", path)
+    module_name = f"mgad_reward_{abs(hash(os.path.abspath(path)))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses (and pickling) look the module up by name
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - the user's file, reported in one line
+        del sys.modules[module_name]
         raise RewardFunctionError(f"custom_reward_function.path={path!r} failed to import: {exc!r}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):

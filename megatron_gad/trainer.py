@@ -28,7 +28,7 @@ from megatron_gad.data.batch import Mode, PromptBatch
 from megatron_gad.engine import PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch, local_mini_batch_size
 from megatron_gad.experience import Experience, compute_advantages, join, teacher_forced_scores
 from megatron_gad.losses import discriminator_accuracy
-from megatron_gad.metrics import MetricsLogger, Timer
+from megatron_gad.metrics import MetricsLogger, Timer, throughput_metrics
 from megatron_gad.rewards import load_reward_fn, score_responses
 from megatron_gad.rollout.base import logprob_agreement
 from megatron_gad.rollout.weight_export import sync_weights
@@ -54,6 +54,15 @@ def sft_batch(teacher: SequenceBatch) -> SftBatch:
     return SftBatch(teacher.input_ids, teacher.attention_mask, teacher.position_ids, loss_mask)
 
 
+def token_agreement(student: SequenceBatch, batch: PromptBatch) -> tuple[float, float]:
+    """(teacher response tokens the student reproduced at the same position, teacher response
+    tokens): a graded measure of agreement with the teacher on held-out prompts."""
+    teacher, teacher_mask = batch.teacher_response_ids, batch.teacher_response_mask.bool()
+    width = min(teacher.shape[1], student.responses.shape[1])
+    same = (student.responses[:, :width] == teacher[:, :width]) & student.response_mask[:, :width].bool()
+    return float((same & teacher_mask[:, :width]).sum()), float(teacher_mask.sum())
+
+
 class Trainer:
     """Owns the components of a run and drives :meth:`fit`. Construct on every rank."""
 
@@ -75,7 +84,7 @@ class Trainer:
         self.validate_first = self.step == 0 and self.c.val_loader is not None and cfg.trainer.val_before_train
         self.metrics = MetricsLogger(cfg.trainer.default_local_dir, cfg.trainer.logger, cfg.trainer.project_name,
                                      cfg.trainer.experiment_name, total_steps=self.c.total_steps + self.validate_first,
-                                     resume_step=self.step)
+                                     resume_step=self.step + 1 if self.step else 0)
 
     # ------------------------------------------------------------------------------ set-up
     def _roles(self) -> dict[str, tuple]:
@@ -143,21 +152,21 @@ class Trainer:
         """Run one step on this rank's slice of the prompt batch; return the step's metrics."""
         cfg, timer = self.cfg, Timer()
         metrics: dict[str, float] = {}
-        with timer("timing/weight_sync"):
+        with timer("weight_sync"):
             self._sync_weights()
-        with timer("timing/rollout"):
+        with timer("rollout"):
             rows = batch.repeat(self.c.rollout_n)
             exp = self._rollout(rows)
-        with timer("timing/old_log_prob"):
+        with timer("old_log_prob"):
             self._recompute_log_probs(exp, metrics)
-        with timer("timing/score"):
+        with timer("score"):
             self._score(exp, rows, metrics)
-        with timer("timing/advantages"):
+        with timer("advantages"):
             self._advantages(exp)
-        with timer("timing/critic_update"):
+        with timer("critic_update"):
             metrics.update(self._update_critic(exp))
         generator_warmup, actor_on = self.phase(self.step)
-        with timer("timing/actor_update"):
+        with timer("actor_update"):
             if generator_warmup:
                 metrics.update(self.c.actor.sft_update(sft_batch(exp.teacher)))
                 self.weights_stale = True
@@ -257,14 +266,14 @@ class Trainer:
 
     def _step_stats(self, exp: Experience, actor_on: bool, warmup: bool, metrics: dict) -> dict[str, float]:
         lengths = exp.student.response_mask.float().sum(-1)
-        tokens = float(exp.student.attention_mask.sum()) * self.c.info.dp
+        tokens = int(self.c.dp_sum(exp.student.attention_mask.sum().reshape(1))[0])
         seconds = sum(v for k, v in metrics.items() if k.startswith("timing/"))
         return {
             "trainer/actor_updated": float(actor_on),
             "trainer/generator_warmup": float(warmup),
             "response_length/mean": self.c.dp_mean(float(lengths.mean())),
             "response_length/max": self.c.dp_max(float(lengths.max())),
-            "perf/tokens_per_second": tokens / max(seconds, 1e-9),
+            **throughput_metrics(tokens, seconds, self.c.info.world_size),
         }
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
@@ -282,22 +291,27 @@ class Trainer:
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
         """Greedy responses to the held-out prompts: mean reward (exact match for the demo) and,
-        on GAD data, the share of responses identical to the teacher's."""
+        on GAD data, the share of responses identical to the teacher's and the share of teacher
+        response tokens reproduced (``val/teacher_token_agreement``)."""
         if self.weights_stale:
             self._sync_weights()
-        rewards, same, count = 0.0, 0.0, 0
+        sums = torch.zeros(5, dtype=torch.float64)  # reward, exact, matched tokens, teacher tokens, rows
         for batch in self.c.val_loader.batches():
             exp = self._rollout(batch, greedy=True)
             texts = self.c.decode(exp.student.responses, exp.student.response_mask)
             if self.reward_fn is not None:
-                rewards += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth).sum())
+                sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth).sum())
             if batch.teacher_response is not None:
-                same += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
-            count += len(texts)
-        totals = self.c.dp_sum(torch.tensor([rewards, same, float(count)]))
-        out = {"val/teacher_exact_match": float(totals[1] / totals[2])} if self.c.mode is Mode.GAD else {}
+                sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
+                sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
+            sums[4] += len(texts)
+        totals = self.c.dp_sum(sums)
+        out = {}
+        if self.c.mode is Mode.GAD:
+            out["val/teacher_exact_match"] = float(totals[1] / totals[4])
+            out["val/teacher_token_agreement"] = float(totals[2] / totals[3].clamp(min=1))
         if self.reward_fn is not None:
-            out["val/reward"] = float(totals[0] / totals[2])
+            out["val/reward"] = float(totals[0] / totals[4])
         return out
 
 

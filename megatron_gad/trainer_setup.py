@@ -250,5 +250,9 @@ def build_components(cfg: TrainConfig) -> Components:
 
 
 def rollout_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype weights are exported in: the rollout engine's."""
-    return cfg.actor_rollout_ref.rollout.torch_dtype
+    """The dtype weights are exported in: ``rollout.dtype`` for vLLM; float32 for the CPU engine,
+    which computes in float32 (bf16-rounded weights would shift its log-probs by ~1e-3)."""
+    from megatron_gad.rollout.base import resolve_engine_name
+
+    rollout = cfg.actor_rollout_ref.rollout
+    return torch.float32 if resolve_engine_name(rollout) == "cpu" else rollout.torch_dtype

@@ -31,3 +31,12 @@ def test_errors_name_the_file_function_and_row(tmp_path) -> None:
         load_reward_fn(str(path))
     with pytest.raises(RewardFunctionError, match="for row 0"):
         score_responses(load_reward_fn(str(path), "other"), ["x"], [None], [None])
+
+
+def test_a_file_with_dataclasses_loads() -> None:
+    import os
+
+    import megatron_gad.data.demo as demo
+
+    fn = load_reward_fn(os.path.abspath(demo.__file__), "demo_reward")
+    assert score_responses(fn, ["The answer is 7."], ["demo"], ["7"]).tolist() == [1.0]

@@ -52,8 +52,24 @@ def _child(
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
+        _reap_children()
         os._exit(1)
+    _reap_children()
     os._exit(0)
+
+
+def _reap_children() -> None:
+    """Kill this rank's child processes before it exits: megatron-core's checkpoint writer keeps a
+    worker (and multiprocessing's resource tracker) alive, which ``os._exit`` would orphan."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=5)
 
 
 def run_distributed(

@@ -1,0 +1,172 @@
+"""End-to-end runs of the trainer on the demo task: every scenario, warmups, resume, TP/PP.
+
+Each run is a real ``Trainer`` on spawned gloo ranks with the tiny demo models: rollouts from the
+CPU engine, Megatron engines, dist checkpoints. Runs are a few steps long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megatron_gad.runtime.spawn import run_distributed
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "examples", "configs")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from megatron_gad.data.demo import ensure_demo_assets
+
+    return ensure_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
+
+
+def overrides_for(assets, out_dir: str, gad: bool, **extra: object) -> list[str]:
+    """Small, fast settings over an example config, pointed at the test's demo assets."""
+    train = assets.train_file if gad else assets.train_standard_file
+    val = assets.val_file if gad else assets.val_standard_file
+    base = {
+        "data.train_files": train, "data.val_files": val, "data.train_batch_size": 4,
+        "data.val_batch_size": 8,
+        "actor_rollout_ref.model.path": assets.student_dir,
+        "actor_rollout_ref.model.tokenizer_path": assets.tokenizer_dir,
+        "critic.model.path": assets.discriminator_dir,
+        "actor_rollout_ref.rollout.name": "cpu", "actor_rollout_ref.rollout.n": 2,
+        "actor_rollout_ref.ppo_mini_batch_size": 4, "actor_rollout_ref.ppo_micro_batch_size_per_gpu": 4,
+        "trainer.total_training_steps": 3, "trainer.total_epochs": 1, "trainer.default_local_dir": out_dir,
+        "trainer.save_freq": -1, "trainer.test_freq": -1, "trainer.val_before_train": False,
+        "trainer.logger": "jsonl", "trainer.generator_warmup_steps": 0, "trainer.critic_warmup": 0,
+        "trainer.export_hf": False,
+    }
+    if not gad:
+        base["custom_reward_function.path"] = os.path.join(REPO, "megatron_gad", "data", "demo.py")
+        base["custom_reward_function.name"] = "demo_reward"
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train(config: str, overrides: list[str]) -> dict:
+    """Per rank: load the config and run the trainer; return the last metrics."""
+    from megatron_gad.config import load_config
+    from megatron_gad.trainer import Trainer
+
+    cfg = load_config(os.path.join(CONFIGS, config), overrides)
+    trainer = Trainer(cfg)
+    return trainer.fit()
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+SCENARIOS = [
+    ("gad_gspo.yaml", True, ("critic/d_loss", "critic/d_acc", "actor/pg_loss", "actor/pg_clipfrac")),
+    ("gad_ppo.yaml", True, ("critic/d_loss", "critic/teacher_value_mean", "actor/pg_loss", "actor/ppo_kl")),
+    ("ppo.yaml", False, ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "actor/pg_loss")),
+    ("gspo.yaml", False, ("critic/score_mean", "actor/pg_loss", "actor/entropy")),
+]
+
+
+@pytest.mark.parametrize("config,gad,expected", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_scenario_trains(assets, tmp_path, config: str, gad: bool, expected: tuple) -> None:
+    out = str(tmp_path / "run")
+    n = "1" if config == "ppo.yaml" else "2"
+    extra = {"actor_rollout_ref.rollout.n": n, "algorithm.adv_estimator": "gae" if config == "ppo.yaml" else "grpo"}
+    run_distributed(train, 1, args=(config, overrides_for(assets, out, gad, **extra)), timeout_s=600)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in expected + ("response_length/mean", "rollout/logprob_abs_diff_mean", "timing/rollout"):
+        assert all(key in r for r in rows), f"{key} missing from {config} metrics"
+    for r in rows:
+        for key, value in r.items():
+            if key.endswith("_loss"):
+                assert value is not None and math.isfinite(value), f"{config}: {key}={value} at step {r['step']}"
+    assert rows[-1]["rollout/logprob_abs_diff_max"] < 1e-3  # engine and Megatron agree (fp32)
+    if gad:
+        assert "critic/d_acc" in rows[0] and rows[-1]["critic/teacher_value_mean"] is not None
+
+
+def _warmup_probe(overrides: list[str]) -> tuple[bool, bool]:
+    """Per rank: does the actor change during the critic warmup, and after it?"""
+    from megatron_gad.config import load_config
+    from megatron_gad.models.sharding import full_tensors
+    from megatron_gad.trainer import Trainer
+
+    trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
+    snapshot = lambda: {n: t.clone() for n, t in full_tensors(trainer.c.actor.chunks[0])}  # noqa: E731
+    params0, critic0 = snapshot(), dict(full_tensors(trainer.c.critic.chunks[0]))
+    critic0 = {n: t.clone() for n, t in critic0.items()}
+    for _ in range(2):  # critic_warmup = 2
+        trainer.train_step(trainer.c.loader.next_batch())
+        trainer.step += 1
+    params2 = snapshot()
+    critic_moved = any(not torch.equal(critic0[n], t) for n, t in full_tensors(trainer.c.critic.chunks[0]))
+    trainer.train_step(trainer.c.loader.next_batch())
+    params3 = snapshot()
+    untouched = all(torch.equal(params0[n], params2[n]) for n in params0) and critic_moved
+    return untouched, any(not torch.equal(params2[n], params3[n]) for n in params2)
+
+
+def test_critic_warmup_leaves_the_actor_untouched(assets, tmp_path) -> None:
+    overrides = overrides_for(assets, str(tmp_path / "run"), True, **{"trainer.critic_warmup": 2})
+    untouched, moved_after = run_distributed(_warmup_probe, 1, args=(overrides,), timeout_s=600)[0]
+    assert untouched, "the actor changed during the critic warmup (or the critic did not train)"
+    assert moved_after, "the actor did not train after the critic warmup"
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_layouts_run(assets, tmp_path, tp: int, pp: int) -> None:
+    out = str(tmp_path / "run")
+    extra = {"actor_rollout_ref.megatron.tensor_model_parallel_size": tp,
+             "actor_rollout_ref.megatron.pipeline_model_parallel_size": pp, "trainer.total_training_steps": 2}
+    run_distributed(train, 2, tp=tp, pp=pp, args=("gad_gspo.yaml", overrides_for(assets, out, True, **extra)),
+                    timeout_s=600)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["critic/d_loss"]) and math.isfinite(r["actor/pg_loss"]) for r in rows)
+
+
+def _cli(overrides: list[str]) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "examples", "pretrain_gad.py"),
+            "--config", os.path.join(CONFIGS, "gad_gspo.yaml"), *overrides]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    drop = ("timing/", "perf/")
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path) -> None:
+    steps = {"trainer.total_training_steps": 6, "trainer.save_freq": 2, "trainer.generator_warmup_steps": 1,
+             "trainer.critic_warmup": 1}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    subprocess.run(_cli(overrides_for(assets, ref_dir, True, **steps)), check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    proc = subprocess.Popen(_cli(overrides_for(assets, cut_dir, True, **steps)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(cut_dir, "latest_checkpointed_iteration.txt")
+    deadline = time.monotonic() + 600
+    while not (os.path.exists(marker) and open(marker).read().strip() == "4"):
+        assert proc.poll() is None, "the run ended before its step-4 checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_cli(overrides_for(assets, cut_dir, True, **steps)), check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    ref, cut = read_metrics(ref_dir), read_metrics(cut_dir)
+    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    assert _comparable(cut) == _comparable(ref)
