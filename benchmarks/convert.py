@@ -3,7 +3,7 @@
     python benchmarks/convert.py [--hidden 1024 --layers 8 --vocab 32000 --dtype bfloat16]
 
 Writes a random Llama checkpoint (default ~160M parameters, ~320 MB in bf16) as one safetensors
-file, then times, in one process (TP=1, PP=1, after imports and process-group set-up):
+file, then times (median of --repeat runs), in one process (TP=1, PP=1, after imports and process-group set-up):
 
 - raw: read every tensor of the HF file and write them to a new safetensors file (the practical
   limit of any converter that must read and write those bytes);
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -46,35 +47,46 @@ def write_random_llama(directory: str, hidden: int, layers: int, vocab: int, dty
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def raw_read_write(src: str, dst: str) -> float:
-    """Seconds to read every tensor of ``src`` and write them all to ``dst``."""
+def raw_read_write(src: str, dst: str, fsync: bool = False) -> float:
+    """Seconds to read every tensor of ``src`` and write them all to ``dst`` (then fsync it,
+    as megatron-core's checkpoint writer does, when ``fsync``)."""
     from safetensors.torch import load_file, save_file
 
     start = time.perf_counter()
     save_file(load_file(src), dst, metadata={"format": "pt"})
+    if fsync:
+        fd = os.open(dst, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     return time.perf_counter() - start
 
 
-def timed_conversions(work: str) -> dict[str, float]:
-    """One rank (TP=1, PP=1): time both directions (called inside ``run_distributed``)."""
+def timed_conversions(work: str, repeat: int) -> dict[str, list[float]]:
+    """One rank (TP=1, PP=1): time both directions ``repeat`` times (inside ``run_distributed``).
+    The first hf_to_megatron also pays megatron-core's one-time writer start (a spawned process)."""
     from megatron_gad import convert
 
-    times = {}
-    start = time.perf_counter()
-    convert.hf_to_megatron(os.path.join(work, "hf"), os.path.join(work, "megatron"))
-    times["hf_to_megatron"] = time.perf_counter() - start
-    start = time.perf_counter()
-    convert.megatron_to_hf(os.path.join(work, "megatron"), os.path.join(work, "hf_back"))
-    times["megatron_to_hf"] = time.perf_counter() - start
+    times: dict[str, list[float]] = {"hf_to_megatron": [], "megatron_to_hf": []}
+    for i in range(repeat):
+        meg, back = os.path.join(work, f"megatron{i}"), os.path.join(work, f"hf_back{i}")
+        start = time.perf_counter()
+        convert.hf_to_megatron(os.path.join(work, "hf"), meg)
+        times["hf_to_megatron"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        convert.megatron_to_hf(meg, back)
+        times["megatron_to_hf"].append(time.perf_counter() - start)
+        check_round_trip(os.path.join(work, "hf"), back)
+        shutil.rmtree(meg)
+        shutil.rmtree(back)
     return times
 
 
-def check_round_trip(work: str) -> None:
+def check_round_trip(src: str, dst: str) -> None:
     """Raise when the exported tensors differ from the source in any bit."""
     from safetensors.torch import load_file
 
-    a = load_file(os.path.join(work, "hf", "model.safetensors"))
-    b = load_file(os.path.join(work, "hf_back", "model.safetensors"))
+    a = load_file(os.path.join(src, "model.safetensors"))
+    b = load_file(os.path.join(dst, "model.safetensors"))
     if set(a) != set(b) or not all(torch.equal(a[k], b[k]) for k in a):
         raise RuntimeError("round trip is not bit-exact")
 
@@ -86,6 +98,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the table shows the median")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir)")
     args = p.parse_args()
 
@@ -96,18 +109,23 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="mgad_bench_", dir=args.workdir)
     try:
         nbytes = write_random_llama(os.path.join(work, "hf"), args.hidden, args.layers, args.vocab, getattr(torch, args.dtype))
-        raw = raw_read_write(os.path.join(work, "hf", "model.safetensors"), os.path.join(work, "raw.safetensors"))
-        times = run_distributed(timed_conversions, 1, timeout_s=1800, args=(work,))[0]
-        check_round_trip(work)
+        src = os.path.join(work, "hf", "model.safetensors")
+        raw = [raw_read_write(src, os.path.join(work, f"raw{i}.safetensors")) for i in range(args.repeat)]
+        raw_sync = [raw_read_write(src, os.path.join(work, f"sync{i}.safetensors"), True) for i in range(args.repeat)]
+        times = run_distributed(timed_conversions, 1, timeout_s=1800, args=(work, args.repeat))[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     gb = nbytes / 1e9
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}: "
           f"{gb * 1e3:.0f} MB of tensors; {torch.get_num_threads()} torch threads; round trip bit-exact")
-    print(f"{'step':<16}{'seconds':>10}{'GB/s':>10}{'x raw':>10}")
-    print(f"{'raw read+write':<16}{raw:>10.2f}{gb / raw:>10.2f}{1.0:>10.2f}")
-    for name, sec in times.items():
-        print(f"{name:<16}{sec:>10.2f}{gb / sec:>10.2f}{sec / raw:>10.2f}")
+    rows = {"raw read+write": raw, "raw + fsync": raw_sync, **times}
+    med = {name: statistics.median(v) for name, v in rows.items()}
+    print(f"median of {args.repeat} runs (all runs in seconds in the last column)")
+    print(f"{'step':<16}{'seconds':>9}{'GB/s':>8}{'x raw':>8}{'x raw+fsync':>13}  runs")
+    for name, sec in med.items():
+        runs = " ".join(f"{t:.2f}" for t in rows[name])
+        print(f"{name:<16}{sec:>9.2f}{gb / sec:>8.2f}{sec / med['raw read+write']:>8.2f}"
+              f"{sec / med['raw + fsync']:>13.2f}  {runs}")
 
 
 if __name__ == "__main__":
