@@ -1,0 +1,177 @@
+"""Hugging Face directory I/O for the converters: config, safetensors (single file, shards with an
+index, shards without one) read lazily by tensor name, sharded safetensors writing, the exported
+config and the tokenizer files that travel with a checkpoint. Local (no process groups).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megatron_gad.models import hf_mapping as hfm
+from megatron_gad.models.transformer import model_args_from_hf
+
+INDEX_FILE = "model.safetensors.index.json"
+AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+class ConversionError(ValueError):
+    """A user-caused problem with a conversion's inputs or outputs (the CLIs exit 2 on it)."""
+
+
+def read_hf_config(directory: str) -> Any:
+    """``AutoConfig`` of ``directory``; ConversionError when the directory or config is missing,
+    UnsupportedModelError for an architecture we cannot build."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(directory):
+        raise ConversionError(f"directory {directory!r} does not exist")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ConversionError(f"{directory!r} has no config.json")
+    config = AutoConfig.from_pretrained(directory)
+    model_args_from_hf(config)
+    return config
+
+
+def locate_safetensors(hf_dir: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file path: from ``model.safetensors.index.json`` when present,
+    else ``model.safetensors``, else every ``*.safetensors`` file (names must not repeat)."""
+    from safetensors import safe_open
+
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        for file in set(weight_map.values()):
+            if not os.path.isfile(os.path.join(hf_dir, file)):
+                raise ConversionError(f"{INDEX_FILE} names {file!r}, which does not exist in {hf_dir!r}")
+        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+    single = os.path.join(hf_dir, "model.safetensors")
+    files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+        raise ConversionError(f"{hf_dir!r} has no *.safetensors files")
+    out: dict[str, str] = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                if name in out:
+                    raise ConversionError(f"tensor {name!r} appears in both {out[name]!r} and {path!r}")
+                out[name] = path
+    return out
+
+
+class SafetensorsReader:
+    """Lazy, name-addressed access to an HF directory's safetensors tensors (any rank)."""
+
+    def __init__(self, hf_dir: str) -> None:
+        self.files = locate_safetensors(hf_dir)
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise hfm.MappingError(f"tensor {name!r} is missing from the HF checkpoint")
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the file header, without reading the data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> Tensor:
+        """Read one tensor."""
+        return self._handle(name).get_tensor(name)
+
+
+def copy_aux_files(src: str, dst: str) -> None:
+    """Copy the tokenizer and generation files of ``src`` that exist into ``dst``."""
+    for name in AUX_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"500MB"``, ``"5GB"``, ``"123"`` (bytes) -> bytes; None stays None (no sharding)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    s = text.strip().upper()
+    for unit, scale in units.items():
+        if s.endswith(unit):
+            s, mult = s[: -len(unit)], scale
+            break
+    else:
+        mult = 1
+    try:
+        return int(float(s) * mult)
+    except ValueError:
+        raise ConversionError(f"--max-shard-size {text!r} is not a size like 500MB or 5GB") from None
+
+
+class ShardWriter:
+    """Write HF tensors into safetensors files of at most ``max_bytes`` each (one writer rank)."""
+
+    def __init__(self, directory: str, prefix: str, max_bytes: int | None) -> None:
+        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str], int]] = []  # (file name, tensor names, bytes)
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.max_bytes is not None and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        file = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.directory, file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def finish_shards(directory: str, files: list[tuple[str, list[str], int]]) -> None:
+    """Rank 0: rename the writers' files to ``model.safetensors`` or ``model-0000i-of-0000n`` and
+    write the index when there is more than one."""
+    if len(files) == 1:
+        os.rename(os.path.join(directory, files[0][0]), os.path.join(directory, "model.safetensors"))
+        return
+    weight_map, total = {}, 0
+    for i, (file, names, nbytes) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.rename(os.path.join(directory, file), os.path.join(directory, final))
+        weight_map.update({n: final for n in names})
+        total += nbytes
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+
+
+def hf_output_config(config: Any, role: str, dtype: torch.dtype) -> Any:
+    """A copy of ``config`` for the exported directory: ``<Arch>ForCausalLM`` for the actor,
+    ``<Arch>ForSequenceClassification`` with ``num_labels=1`` for the critic."""
+    out = copy.deepcopy(config)
+    prefix = CLASS_PREFIX[config.model_type]
+    out.architectures = [f"{prefix}ForCausalLM" if role == "actor" else f"{prefix}ForSequenceClassification"]
+    if role == "critic":
+        out.num_labels = 1
+    out.dtype = dtype
+    return out
