@@ -29,6 +29,7 @@ from megatron_gad.engine import PairBatch, PolicyBatch, SequenceBatch, SftBatch,
 from megatron_gad.experience import Experience, compute_advantages, join, teacher_forced_scores
 from megatron_gad.losses import discriminator_accuracy
 from megatron_gad.metrics import MetricsLogger, Timer, throughput_metrics
+from megatron_gad.models.build import set_lr, warmup_lr
 from megatron_gad.rewards import load_reward_fn, score_responses
 from megatron_gad.rollout.base import logprob_agreement
 from megatron_gad.rollout.weight_export import sync_weights
@@ -163,9 +164,10 @@ class Trainer:
             self._score(exp, rows, metrics)
         with timer("advantages"):
             self._advantages(exp)
+        generator_warmup, actor_on = self.phase(self.step)
+        self._set_learning_rates(generator_warmup)
         with timer("critic_update"):
             metrics.update(self._update_critic(exp))
-        generator_warmup, actor_on = self.phase(self.step)
         with timer("actor_update"):
             if generator_warmup:
                 metrics.update(self.c.actor.sft_update(sft_batch(exp.teacher)))
@@ -187,9 +189,25 @@ class Trainer:
         from step ``G + critic_warmup`` on. With ``G = 0`` this is the design's critic warmup:
         steps 0..critic_warmup-1 leave the actor untouched.
         """
-        warmup_steps = self.cfg.trainer.generator_warmup_steps or (
-            self.cfg.trainer.generator_warmup_epochs * self.c.steps_per_epoch)
-        return step < warmup_steps, step >= warmup_steps + self.cfg.trainer.critic_warmup
+        start = self.phase_start()
+        return step < start - self.cfg.trainer.critic_warmup, step >= start
+
+    def _set_learning_rates(self, generator_warmup: bool) -> None:
+        """This step's learning rates: ``trainer.generator_warmup_lr`` for the SFT warmup, and each
+        optimizer's linear ``lr_warmup_steps`` (the actor's counted from its first policy step)."""
+        t, arr = self.cfg.trainer, self.cfg.actor_rollout_ref
+        if self.c.critic is not None:
+            set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step))
+        if generator_warmup:
+            set_lr(self.c.actor.optimizer, t.generator_warmup_lr or arr.actor.optim.lr)
+        else:
+            policy_start = self.step - self.phase_start()
+            set_lr(self.c.actor.optimizer, warmup_lr(arr.actor.optim, max(policy_start, 0)))
+
+    def phase_start(self) -> int:
+        """The first step at which the actor's policy loss is used."""
+        t = self.cfg.trainer
+        return (t.generator_warmup_steps or t.generator_warmup_epochs * self.c.steps_per_epoch) + t.critic_warmup
 
     def _sync_weights(self) -> None:
         if not self.weights_stale:

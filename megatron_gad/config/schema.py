@@ -194,6 +194,8 @@ class TrainerConfig:
     """Steps of generator SFT on teacher responses (critic trained alongside) before GAD."""
     generator_warmup_epochs: int = 0
     """Generator warmup in epochs over the training prompts (exclusive with ``..._steps``)."""
+    generator_warmup_lr: float | None = None
+    """Actor learning rate during the generator warmup (SFT); None: ``actor.optim.lr``."""
     save_freq: int = -1
     """Checkpoint every this many steps (-1: only at the end)."""
     test_freq: int = -1

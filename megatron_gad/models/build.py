@@ -28,7 +28,8 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     lr_warmup_steps: int = 0
-    """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
+    """Linear warm-up to ``lr`` over this many training steps of the role (the actor's count
+    from its first policy-loss step)."""
 
     def validate(self, where: str) -> None:
         """Raise ValueError naming ``where.<field>`` for an invalid value."""
@@ -88,6 +89,13 @@ def build_optimizer(chunks: list[torch.nn.Module], optim: OptimConfig, config: A
         use_distributed_optimizer=False,
     )
     return get_megatron_optimizer(opt_config, chunks)
+
+
+def warmup_lr(optim: OptimConfig, steps_done: int) -> float:
+    """The learning rate after ``steps_done`` training steps of the linear warm-up."""
+    if optim.lr_warmup_steps <= 0:
+        return optim.lr
+    return optim.lr * min(1.0, (steps_done + 1) / optim.lr_warmup_steps)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
