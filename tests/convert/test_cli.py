@@ -124,8 +124,14 @@ def test_sharded_inputs_with_and_without_index(tmp_path) -> None:
 
 def test_cli_end_to_end_as_processes(tmp_path) -> None:
     """hf_to_megatron -> verify -> megatron_to_hf (sharded) as real processes; a bit-exact result."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     hf = save_tiny_llama(str(tmp_path / "hf"), max_shard_size="40KB")
     os.remove(os.path.join(hf, "model.safetensors.index.json"))  # shards without an index
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(199)} | {"<unk>": 199}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(hf)
     meg, back = str(tmp_path / "meg"), str(tmp_path / "back")
 
     def run(tool: str, *argv: str) -> subprocess.CompletedProcess:
@@ -141,6 +147,7 @@ def test_cli_end_to_end_as_processes(tmp_path) -> None:
     r = run("megatron_to_hf", "--megatron-dir", meg, "--out", back, "--max-shard-size", "50KB")
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.isfile(os.path.join(back, "model.safetensors.index.json"))
+    assert AutoTokenizer.from_pretrained(back)("w3 w150 zzz")["input_ids"] == [3, 150, 199]
     a, b = {}, {}
     for d, state in ((hf, a), (back, b)):
         for f in os.listdir(d):
