@@ -13,12 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_gad.convert import _finish_shards, _ShardWriter, atomic_output_dir, hf_output_config
+from megatron_gad.convert import atomic_output_dir
+from megatron_gad.hf_io import ShardWriter, copy_aux_files, finish_shards, hf_output_config
 from megatron_gad.rollout.weight_export import WeightExporter
-
-#: Tokenizer and generation files copied next to the weights when the source directory has them.
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-             "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
 def export_hf_from_chunks(
@@ -46,18 +43,17 @@ def export_hf_from_chunks(
     exporter = WeightExporter(chunks, hf_config, dtype=dtype, dst_ranks=(0,), role=role,
                               bucket_bytes=min(max_shard_bytes, 512 * 2**20))
     with atomic_output_dir(staging) as tmp:
-        writer = _ShardWriter(tmp, "part", max_shard_bytes)
+        writer = ShardWriter(tmp, "part", max_shard_bytes)
         for bucket in exporter.buckets():
             for name, tensor in bucket:
                 if rank == 0:
                     writer.add(name, tensor.detach().to(dtype=dtype).contiguous().clone())
         if rank == 0:
             writer.flush()
-            _finish_shards(tmp, writer.files)
+            finish_shards(tmp, writer.files)
             hf_output_config(hf_config, role, dtype).save_pretrained(tmp)
-            for name in AUX_FILES if aux_dir else ():
-                if os.path.isfile(os.path.join(aux_dir, name)):
-                    shutil.copy2(os.path.join(aux_dir, name), os.path.join(tmp, name))
+            if aux_dir:
+                copy_aux_files(aux_dir, tmp)
     if rank == 0:
         if os.path.exists(final):
             if not replace:

@@ -131,7 +131,8 @@ def _load_hf_weights(engine: Any, hf_dir: str, hf_config: Any, role: str) -> boo
     recipe's "generator plus a scalar head"."""
     import glob
 
-    from megatron_gad.convert import SafetensorsReader, fill_stage_from_hf
+    from megatron_gad.convert import fill_stage_from_hf
+    from megatron_gad.hf_io import SafetensorsReader
     from megatron_gad.models.sharding import unwrap
 
     if not glob.glob(os.path.join(hf_dir, "*.safetensors")):

@@ -85,12 +85,7 @@ class ActorEngine(RoleEngine):
         acc = MetricAccumulator(names)
         loss_func = functools.partial(policy_loss_func, s, temperature, self.args.vocab_size, normalizer,
                                       self.loss_scale(len(micro)), acc)
-        self.zero_grad()
-        self.run_schedule(micro, loss_func, forward_only=False)
-        step = self.optimizer_step()
-        metrics = acc.reduce()
-        metrics.update({"actor/grad_norm": step["grad_norm"], "actor/lr": step["lr"]})
-        return metrics
+        return self.train_step(micro, loss_func, acc, "actor")
 
     def sft_update(self, batch: SftBatch, micro_batch_size: int | None = None) -> dict[str, float]:
         """One optimizer step of token-mean NLL over ``batch.loss_mask`` tokens (the generator
@@ -101,9 +96,4 @@ class ActorEngine(RoleEngine):
         normalizer = global_count(batch.loss_mask[:, 1:].float().sum())
         acc = MetricAccumulator(["actor/sft_loss"])
         loss_func = functools.partial(sft_loss_func, self.args.vocab_size, normalizer, self.loss_scale(len(micro)), acc)
-        self.zero_grad()
-        self.run_schedule(micro, loss_func, forward_only=False)
-        step = self.optimizer_step()
-        metrics = acc.reduce()
-        metrics.update({"actor/grad_norm": step["grad_norm"], "actor/lr": step["lr"]})
-        return metrics
+        return self.train_step(micro, loss_func, acc, "actor")

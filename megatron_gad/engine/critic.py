@@ -84,12 +84,7 @@ class CriticEngine(RoleEngine):
     def _train(self, mini: Any, names: tuple[str, ...], make_loss: Any) -> dict[str, float]:
         micro = split_rows(mini, self.settings.ppo_micro_batch_size_per_gpu, "critic.ppo_micro_batch_size_per_gpu")
         acc = MetricAccumulator(names)
-        self.zero_grad()
-        self.run_schedule(micro, make_loss(self.loss_scale(len(micro)), acc), forward_only=False)
-        step = self.optimizer_step()
-        metrics = acc.reduce()
-        metrics.update({"critic/grad_norm": step["grad_norm"], "critic/lr": step["lr"]})
-        return metrics
+        return self.train_step(micro, make_loss(self.loss_scale(len(micro)), acc), acc, "critic")
 
     def _discriminator_step(self, mini: PairBatch) -> dict[str, float]:
         num_pairs = global_count(torch.tensor(float(mini.rows)))

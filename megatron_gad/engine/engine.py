@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 from typing import Any, Callable
 
 import torch
@@ -117,6 +118,23 @@ class RoleEngine:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.require_optimizer().zero_grad()
+
+    def train_step(self, micro_batches: list[Any], loss_func: Callable, acc: Any, role: str) -> dict[str, float]:
+        """One optimizer step over ``micro_batches``: clear grads, forward/backward through the
+        schedule, reduce the metrics of ``acc`` (identical on every rank), then step, unless a
+        metric is non-finite: then the update is skipped on every rank alike. Adds
+        ``<role>/grad_norm``, ``<role>/lr`` and ``<role>/update_skipped``."""
+        self.zero_grad()
+        self.run_schedule(micro_batches, loss_func, forward_only=False)
+        metrics = acc.reduce()
+        finite = all(math.isfinite(v) for v in metrics.values())
+        if finite:
+            step = self.optimizer_step()
+        else:
+            step = {"grad_norm": float("nan"), "lr": float(self.require_optimizer().param_groups[0]["lr"])}
+        metrics.update({f"{role}/grad_norm": step["grad_norm"], f"{role}/lr": step["lr"],
+                        f"{role}/update_skipped": 0.0 if finite else 1.0})
+        return metrics
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip and step; returns ``grad_norm`` (global over TP/PP/DP) and ``lr``."""

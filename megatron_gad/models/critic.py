@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron_gad.models.transformer import ModelArgs, layer_spec
+from megatron_gad.models.actor import gpt_stage
+from megatron_gad.models.transformer import ModelArgs
 
 
 class ScalarHead(torch.nn.Module):
@@ -45,8 +46,6 @@ class CriticModel(_megatron_module_base()):
     last stage. Built on every rank by :func:`build_critic`."""
 
     def __init__(self, config: Any, args: ModelArgs, pre_process: bool, post_process: bool) -> None:
-        from megatron.core.models.gpt import GPTModel
-
         from megatron.core.enums import ModelType
 
         super().__init__(config=config)
@@ -55,19 +54,7 @@ class CriticModel(_megatron_module_base()):
         self.share_embeddings_and_output_weights = False
         self.pre_process = pre_process
         self.post_process = post_process
-        self.trunk = GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec(config),
-            vocab_size=args.padded_vocab_size,
-            max_sequence_length=args.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=False,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_base=int(args.rotary_base),
-            rope_scaling=args.rope_scaling_factor is not None,
-            rope_scaling_factor=args.rope_scaling_factor or 8.0,
-        )
+        self.trunk = gpt_stage(config, args, pre_process, post_process, output_layer=False)
         self.head = ScalarHead(config) if post_process else None
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:

@@ -184,7 +184,7 @@ def test_reference_is_not_vacuous(reference) -> None:
         assert ref[key]["output_layer.weight"][VOCAB:].abs().max() == 0.0, f"{key}: vocab padding got a gradient"
     assert m["actor/grad_norm"] > 1e-3 and ref["d_metrics"]["critic/grad_norm"] > 1e-3
     assert set(ref["d_metrics"]) == {"critic/d_loss", "critic/d_acc", "critic/student_value_mean",
-                                     "critic/teacher_value_mean", "critic/grad_norm", "critic/lr"}
+                                     "critic/teacher_value_mean", "critic/grad_norm", "critic/lr", "critic/update_skipped"}
     assert {"critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean"} <= set(ref["v_metrics"])
     assert {"actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/kl_loss",
             "actor/grad_norm", "actor/lr"} <= set(m)
@@ -311,3 +311,27 @@ def _multi_step(data: dict, ckpt: str) -> dict:
     moved = max((p - b).abs().max().item() for p, b in zip(actor.chunks[0].parameters(), before))
     assert not any(math.isnan(v) for v in metrics.values())
     return {"steps": steps, "moved": moved, "metrics": metrics}
+
+
+def _nonfinite_step(data: dict) -> dict:
+    """Per rank: a policy step whose loss is NaN must leave the weights as they were."""
+    from megatron_gad.engine import ActorEngine, PolicyBatch, SequenceBatch
+    from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
+    from megatron_gad.runtime import parallel_info
+
+    info = parallel_info()
+    cfg = transformer_config_from_hf(hf_config(), tp=info.tp, pp=info.pp)
+    actor_cfg, _, optim = settings(2)
+    actor = ActorEngine.create(cfg, model_args_from_hf(hf_config()), actor_cfg, optim)
+    before = [p.detach().clone() for p in actor.chunks[0].parameters()]
+    advantages = torch.full_like(data["advantages"], float("nan"))
+    seq = SequenceBatch.from_ids(**data["student"])
+    metrics = actor.update(PolicyBatch(seq, data["old_log_probs"], advantages, data["ref_log_probs"]), temperature=TEMP)
+    unchanged = all(torch.equal(p, b) for p, b in zip(actor.chunks[0].parameters(), before))
+    return {"metrics": metrics, "unchanged": unchanged}
+
+
+def test_nonfinite_loss_skips_the_update() -> None:
+    """Every rank skips the optimizer step together when the loss is not finite."""
+    for rank in run_distributed(_nonfinite_step, 2, tp=2, args=(make_data(),), timeout_s=300):
+        assert rank["metrics"]["actor/update_skipped"] == 1.0 and rank["unchanged"]
