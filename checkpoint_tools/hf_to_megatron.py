@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="Megatron checkpoint directory to create (must not exist)")
     p.add_argument("--role", choices=("actor", "critic"), default="actor",
                    help="critic: the HF checkpoint has score.weight [1, hidden] (ForSequenceClassification)")
+    p.add_argument("--init-score-head", type=float, default=None, metavar="STD",
+                   help="critic from a *ForCausalLM checkpoint: drop lm_head, draw score.weight from N(0, STD^2)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run (under torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (under torchrun)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -39,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         start = time.perf_counter()
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        info = convert.hf_to_megatron(args.hf_dir, args.out, role=args.role, dtype=dtype)
+        info = convert.hf_to_megatron(args.hf_dir, args.out, role=args.role, dtype=dtype,
+                                      init_score_head=args.init_score_head)
         if convert.is_main_rank():
             print(f"wrote {args.out} ({args.role}, {info['params']:,} parameters on rank 0) "
                   f"in {time.perf_counter() - start:.1f}s")
         return 0
 
     def preflight() -> None:
-        convert.preflight_hf(args.hf_dir, args.role, args.tp, args.pp)
+        convert.preflight_hf(args.hf_dir, args.role, args.tp, args.pp, args.init_score_head)
         convert.check_output_free(args.out)
 
     return convert.run_cli(preflight, work, args.tp, args.pp)

@@ -52,14 +52,24 @@ META_FILE = "megatron_gad_meta.json"
 # ----------------------------------------------------------------------------------------------
 
 
-def preflight_hf(hf_dir: str, role: str, tp: int = 1, pp: int = 1) -> tuple[Any, SafetensorsReader]:
+def preflight_hf(
+    hf_dir: str, role: str, tp: int = 1, pp: int = 1, init_score_head: float | None = None
+) -> tuple[Any, SafetensorsReader]:
     """Check an HF directory for conversion at TP x PP without reading tensor data: config,
     architecture, layout divisibility, the exact tensor key set and every shape. Raises
-    ConversionError / MappingError / UnsupportedModelError with a one-line message."""
+    ConversionError / MappingError / UnsupportedModelError with a one-line message.
+
+    ``init_score_head`` (critic only): read a ``*ForCausalLM`` checkpoint as a critic whose
+    ``score.weight`` is drawn from N(0, init_score_head^2) (GAD initialises the discriminator
+    from the generator plus a scalar head)."""
     config = read_hf_config(hf_dir)
     _check_layout(config, tp, pp)
     reader = SafetensorsReader(hf_dir)
-    hfm.check_hf_keys(reader.files.keys(), config, role)
+    if init_score_head is not None:
+        if role != "critic":
+            raise ConversionError("--init-score-head applies to --role critic only")
+        reader.add_critic_head(init_score_head)
+    hfm.check_hf_keys(reader.keys(), config, role)
     for name, shape in hfm.hf_expected_shapes(config, role).items():
         if reader.shape(name) != shape:
             raise hfm.MappingError(f"tensor {name!r} has shape {reader.shape(name)}, expected {shape} (from config.json)")
@@ -201,12 +211,14 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
     return nbytes
 
 
-def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtype | None = None) -> dict:
+def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtype | None = None,
+                   init_score_head: float | None = None) -> dict:
     """Convert an HF directory into a Megatron checkpoint at ``out`` (collective, any TP/PP).
 
-    ``dtype`` of the saved parameters defaults to the HF tensors' dtype. Returns a summary
-    (bytes read on this rank, number of parameters). Raises ConversionError / MappingError."""
-    config, reader = preflight_hf(hf_dir, role, *_layout())
+    ``dtype`` of the saved parameters defaults to the HF tensors' dtype; ``init_score_head``
+    as in :func:`preflight_hf`. Returns a summary (bytes read on this rank, number of
+    parameters). Raises ConversionError / MappingError."""
+    config, reader = preflight_hf(hf_dir, role, *_layout(), init_score_head=init_score_head)
     dtype = dtype or reader.get("model.norm.weight").dtype
     with atomic_output_dir(out) as tmp:
         model = build_stage(config, role, dtype)

@@ -77,6 +77,22 @@ class SafetensorsReader:
     def __init__(self, hf_dir: str) -> None:
         self.files = locate_safetensors(hf_dir)
         self._handles: dict[str, Any] = {}
+        self.synthetic: dict[str, Tensor] = {}
+
+    def keys(self) -> list[str]:
+        """Every tensor name (file tensors and synthetic ones)."""
+        return [*self.files, *self.synthetic]
+
+    def add_critic_head(self, std: float, seed: int = 0) -> None:
+        """Read a ``*ForCausalLM`` checkpoint as a critic: drop ``lm_head.weight`` and add a
+        ``score.weight`` ``[1, hidden]`` drawn from N(0, std^2) with ``seed`` (the same tensor on
+        every rank). Raises ConversionError when the checkpoint already has ``score.weight``."""
+        if "score.weight" in self.files:
+            raise ConversionError("the HF checkpoint already has score.weight: drop --init-score-head")
+        self.files.pop("lm_head.weight", None)
+        norm = self.get("model.norm.weight")
+        g = torch.Generator().manual_seed(seed)
+        self.synthetic["score.weight"] = (torch.randn(1, norm.shape[0], generator=g) * std).to(norm.dtype)
 
     def _handle(self, name: str) -> Any:
         from safetensors import safe_open
@@ -90,10 +106,14 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header, without reading the data."""
+        if name in self.synthetic:
+            return tuple(self.synthetic[name].shape)
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> Tensor:
         """Read one tensor."""
+        if name in self.synthetic:
+            return self.synthetic[name]
         return self._handle(name).get_tensor(name)
 
 

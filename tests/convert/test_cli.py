@@ -89,6 +89,8 @@ def test_hf_to_megatron_user_errors(hf_dir: str, tmp_path, capsys) -> None:
               "TP=3 x PP=1 cannot divide the model: num_attention_heads=4 is not divisible by TP=3", out)
     run_error(capsys, "hf_to_megatron", ["--hf-dir", hf_dir, "--out", out, "--pp", "4"],
               "num_hidden_layers=2 is not divisible by PP=4", out)
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", hf_dir, "--out", out, "--init-score-head", "0.02"],
+              "--init-score-head applies to --role critic only", out)
     os.makedirs(out)
     assert load_tool("hf_to_megatron").main(["--hf-dir", hf_dir, "--out", out]) == 2
     assert "already exists" in capsys.readouterr().err and os.listdir(out) == []

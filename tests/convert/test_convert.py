@@ -164,3 +164,22 @@ def test_critic_score_head_tp2_round_trip(tmp_path) -> None:
     model, info = AutoModelForSequenceClassification.from_pretrained(back, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert model.config.num_labels == 1 and model.config.architectures == ["Qwen2ForSequenceClassification"]
+
+
+def _convert_with_head(hf_dir: str, meg_dir: str) -> None:
+    from megatron_gad.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, meg_dir, role="critic", init_score_head=0.02)
+
+
+def test_critic_from_causal_lm_with_new_score_head(tmp_path) -> None:
+    """GAD's discriminator starts as the generator plus a scalar head: a CausalLM checkpoint
+    converted with init_score_head keeps every trunk tensor and gains a N(0, 0.02^2) score."""
+    hf_dir = make_hf_dir(str(tmp_path / "hf"), "llama", True)
+    meg, back = str(tmp_path / "meg"), str(tmp_path / "back")
+    run_distributed(_convert_with_head, 1, args=(hf_dir, meg))
+    run_distributed(_export, 1, args=(meg, back))
+    src, got = read_hf_dir(hf_dir), read_hf_dir(back)
+    assert set(got) == set(src) | {"score.weight"}
+    assert all(torch.equal(got[k], src[k]) for k in src)
+    assert got["score.weight"].shape == (1, 64) and 0.01 < got["score.weight"].std() < 0.03
