@@ -138,8 +138,9 @@ def _load_hf_weights(engine: Any, hf_dir: str, hf_config: Any, role: str) -> boo
     if not glob.glob(os.path.join(hf_dir, "*.safetensors")):
         return False
     reader = SafetensorsReader(hf_dir)
-    skip = ("head.score.weight",) if role == "critic" and "score.weight" not in reader.files else ()
-    fill_stage_from_hf(unwrap(engine.chunks[0]), reader, hf_config, role, skip=skip)
+    if role == "critic" and "score.weight" not in reader.files:
+        reader.add_critic_head(float(getattr(hf_config, "initializer_range", 0.02)))
+    fill_stage_from_hf(unwrap(engine.chunks[0]), reader, hf_config, role)
     return True
 
 

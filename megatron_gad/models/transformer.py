@@ -8,12 +8,15 @@ every TP size; padded logits are never sampled (see :mod:`megatron_gad.ops.logpr
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 #: Padded vocab = ceil(vocab / 128) * 128 at every TP size (TP must divide 128).
 VOCAB_PAD_MULTIPLE = 128
@@ -76,6 +79,12 @@ def model_args_from_hf(hf_config: Any) -> ModelArgs:
         raise UnsupportedModelError("mlp_bias=True is not supported")
     if arch in ("qwen2", "qwen3") and _get(hf_config, "use_sliding_window", False):
         raise UnsupportedModelError("use_sliding_window=True is not supported")
+    window = _get(hf_config, "sliding_window", None) if arch == "mistral" else None
+    if window is not None and window < int(_get(hf_config, "max_position_embeddings", 0)):
+        logger.warning(
+            "mistral sliding_window=%d is not modelled (full causal attention): sequences longer "
+            "than %d tokens will differ from Hugging Face", window, window,
+        )
     theta, factor = _rope_params(hf_config)
     vocab = int(hf_config.vocab_size)
     return ModelArgs(
