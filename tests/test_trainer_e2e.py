@@ -170,3 +170,47 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path) -> 
     ref, cut = read_metrics(ref_dir), read_metrics(cut_dir)
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
     assert _comparable(cut) == _comparable(ref)
+
+
+def _weights_after_setup(overrides: list[str], hf_dir: str) -> dict:
+    """Per rank: build a trainer whose actor and critic start from the HF causal LM in hf_dir."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from megatron_gad.config import load_config
+    from megatron_gad.models.hf_mapping import hf_to_megatron_state
+    from megatron_gad.models.sharding import full_tensors
+    from megatron_gad.trainer import Trainer
+
+    trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
+    expected = hf_to_megatron_state(load_file(os.path.join(hf_dir, "model.safetensors")),
+                                    AutoConfig.from_pretrained(hf_dir), "actor")
+    actor = dict(full_tensors(trainer.c.actor.chunks[0]))
+    critic = dict(full_tensors(trainer.c.critic.chunks[0]))
+    return {
+        "actor": all(torch.equal(actor[n], expected[n]) for n in expected),
+        "critic_trunk": all(torch.equal(critic[f"trunk.{n}"], t) for n, t in expected.items()
+                            if n.startswith(("embedding.", "decoder.layers."))),
+        "critic_norm": torch.equal(critic["head.norm.weight"], expected["decoder.final_layernorm.weight"]),
+        "head_std": float(critic["head.score.weight"].std()),
+    }
+
+
+def test_actor_and_critic_start_from_hf_weights(assets, tmp_path) -> None:
+    """Both roles load a real HF checkpoint; the critic takes the causal LM's trunk plus a fresh
+    scalar head (GAD's "generator plus a scalar head")."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_dir = str(tmp_path / "student_hf")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets.student_dir)).save_pretrained(hf_dir)
+    shutil.copy(os.path.join(assets.tokenizer_dir, "tokenizer.json"), hf_dir)
+    extra = {"actor_rollout_ref.model.path": hf_dir, "critic.model.path": hf_dir,
+             "actor_rollout_ref.megatron.tensor_model_parallel_size": 2}
+    out = run_distributed(_weights_after_setup, 2, tp=2,
+                          args=(overrides_for(assets, str(tmp_path / "run"), True, **extra), hf_dir), timeout_s=600)
+    for rank in out:
+        assert rank["actor"] and rank["critic_trunk"] and rank["critic_norm"]
+        assert 0.005 < rank["head_std"] < 0.05  # drawn from N(0, initializer_range^2)
