@@ -159,7 +159,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(str(REPO / "examples/configs/demo.yaml"), ["trainer.seed=7", "critic.optim.lr=2e-4"])
+    cfg = load_config(str(REPO / "examples/configs/demo.yaml"), ["trainer.seed=7", "critic.optim.lr=2e-4", "trainer.critic_warmup=5"])
     out = tmp_path / "run" / "config.yaml"
     save_resolved(cfg, str(out))
     assert load_config(str(out), []) == cfg
