@@ -338,8 +338,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     from megatron_gad.runtime import destroy_distributed
 
     start = time.time()
-    trainer = Trainer(cfg)
     try:
+        trainer = Trainer(cfg)
         metrics = trainer.fit()
         trainer._log0(f"finished {trainer.step} steps in {time.time() - start:.0f}s")
         return metrics
