@@ -50,6 +50,9 @@ def main(argv: list[str]) -> int:
         os.chdir(REPO)  # the demo config's paths are relative to the repository root
         config_path = DEMO_CONFIG
 
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from megatron_gad.checkpoint import CheckpointError
     from megatron_gad.config import ConfigError, format_config, load_config
     from megatron_gad.data.dataset import DataError
     from megatron_gad.trainer import TrainingStopped, run
@@ -61,7 +64,8 @@ def main(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_config(cfg), flush=True)
         run(cfg)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, TimeoutError, TrainingStopped) as exc:
+    except (ConfigError, DataError, CheckpointError, CheckpointingException, FileNotFoundError, ValueError,
+            TimeoutError, TrainingStopped) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

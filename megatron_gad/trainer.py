@@ -55,6 +55,11 @@ def sft_batch(teacher: SequenceBatch) -> SftBatch:
     return SftBatch(teacher.input_ids, teacher.attention_mask, teacher.position_ids, loss_mask)
 
 
+def extra_infos(batch: PromptBatch) -> list[dict]:
+    """Each row's pass-through columns as the ``extra_info`` dict of a reward function."""
+    return [{key: values[i] for key, values in batch.extra.items()} for i in range(len(batch))]
+
+
 def token_agreement(student: SequenceBatch, batch: PromptBatch) -> tuple[float, float]:
     """(teacher response tokens the student reproduced at the same position, teacher response
     tokens): a graded measure of agreement with the teacher on held-out prompts."""
@@ -70,12 +75,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.c: Components = build_components(cfg)
-        if self.c.mode is Mode.STANDARD and self.phase(0)[0]:
-            raise ValueError("trainer.generator_warmup_steps > 0 needs GAD data (rows with teacher_response): "
-                             "the generator warmup fine-tunes on the teacher responses")
         self.reward_fn = None
-        if self.c.mode is Mode.STANDARD or self.c.has_ground_truth:
-            self.reward_fn = load_reward_fn(cfg.custom_reward_function.path, cfg.custom_reward_function.name)
+        reward = cfg.custom_reward_function
+        if reward.path or (self.c.demo_data and self.c.has_ground_truth):  # demo: exact match by default
+            self.reward_fn = load_reward_fn(reward.path, reward.name)
         self.step = 0
         self.nonfinite_in_row = 0
         self.weights_stale = True
@@ -129,7 +132,9 @@ class Trainer:
             ):
                 last.update(self.validate())
             self.metrics.log(self.step, last)
-            if cfg.save_freq > 0 and (self.step % cfg.save_freq == 0 or self.step == self.c.total_steps):
+            self._stop_if_nonfinite()
+            last_step = self.step == self.c.total_steps
+            if (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or (cfg.save_freq != 0 and last_step):
                 self.save()
         if cfg.export_hf and self.c.total_steps > 0:
             self.export_actor(os.path.join(cfg.default_local_dir, "actor_hf"))
@@ -145,7 +150,8 @@ class Trainer:
         """Write the trained actor as a Hugging Face directory (collective)."""
         from megatron_gad.export import export_hf_from_chunks
 
-        export_hf_from_chunks(self.c.actor.chunks, self.c.actor_hf_config, out_dir, self.c.tokenizer_dir)
+        dtype = self.c.actor.config.params_dtype
+        export_hf_from_chunks(self.c.actor.chunks, self.c.actor_hf_config, out_dir, self.c.tokenizer_dir, dtype=dtype)
         self._log0(f"exported the actor to {out_dir}")
 
     # ------------------------------------------------------------------------------ one step
@@ -158,6 +164,7 @@ class Trainer:
         with timer("rollout"):
             rows = batch.repeat(self.c.rollout_n)
             exp = self._rollout(rows)
+            self._release_rollout()
         with timer("old_log_prob"):
             self._recompute_log_probs(exp, metrics)
         with timer("score"):
@@ -175,8 +182,9 @@ class Trainer:
             elif actor_on:
                 metrics.update(self._update_actor(exp))
         metrics.update(timer.metrics())
+        metrics["timing/step"] = sum(v for k, v in metrics.items() if k.startswith("timing/"))
         metrics.update(self._step_stats(exp, actor_on, generator_warmup, metrics))
-        self._check_finite(metrics)
+        self._count_nonfinite(metrics)
         return metrics
 
     def phase(self, step: int) -> tuple[bool, bool]:
@@ -209,6 +217,11 @@ class Trainer:
         t = self.cfg.trainer
         return (t.generator_warmup_steps or t.generator_warmup_epochs * self.c.steps_per_epoch) + t.critic_warmup
 
+    def _release_rollout(self) -> None:
+        """Let the rollout engine free its accelerator memory while the models train."""
+        if self.c.rollout is not None:
+            self.c.rollout.sleep()
+
     def _sync_weights(self) -> None:
         if not self.weights_stale:
             return
@@ -233,12 +246,16 @@ class Trainer:
 
     def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float]) -> None:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
+        arr = self.cfg.actor_rollout_ref
         exp.old_log_probs, entropy = self.c.actor.compute_log_probs(exp.student, temperature)
         mask = exp.student.response_mask.float()
-        metrics["actor/entropy_rollout"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-        metrics.update(logprob_agreement(exp.rollout_log_probs, exp.old_log_probs, exp.student.response_mask))
+        metrics["actor/entropy_rollout"] = self.c.dp_mean(float((entropy * mask).sum() / mask.sum().clamp(min=1)))
+        agreement = logprob_agreement(exp.rollout_log_probs, exp.old_log_probs, exp.student.response_mask)
+        metrics["rollout/logprob_abs_diff_mean"] = self.c.dp_mean(agreement["rollout/logprob_abs_diff_mean"])
+        metrics["rollout/logprob_abs_diff_max"] = self.c.dp_max(agreement["rollout/logprob_abs_diff_max"])
         if self.c.ref is not None:
-            exp.ref_log_probs, _ = self.c.ref.compute_log_probs(exp.student, temperature)
+            exp.ref_log_probs, _ = self.c.ref.compute_log_probs(
+                exp.student, temperature, micro_batch_size=arr.ref.log_prob_micro_batch_size_per_gpu)
 
     def _score(self, exp: Experience, rows: PromptBatch, metrics: dict[str, float]) -> None:
         if self.c.mode is Mode.GAD:
@@ -248,11 +265,16 @@ class Trainer:
             else:
                 exp.scores = self.c.critic.compute_scores(exp.student)
             exp.teacher_scores = self.c.critic.compute_scores(exp.teacher)
-            metrics["critic/teacher_score_gt_student"] = float(discriminator_accuracy(exp.teacher_scores, exp.scores))
+            metrics["critic/teacher_score_gt_student"] = self.c.dp_mean(
+                float(discriminator_accuracy(exp.teacher_scores, exp.scores)))
         else:
-            texts = self.c.decode(exp.student.responses, exp.student.response_mask)
-            exp.scores = score_responses(self.reward_fn, texts, rows.data_source, rows.ground_truth)
-        metrics["critic/score_mean"] = float(exp.scores.mean())
+            scores = None
+            if self.c.rollout is not None:  # one call per replica, shared: rewards may be costly or random
+                texts = self.c.decode(exp.student.responses, exp.student.response_mask)
+                scores = score_responses(self.reward_fn, texts, rows.data_source, rows.ground_truth,
+                                         extra_infos(rows))
+            exp.scores = self.c.share_from_rollout_rank(scores)
+        metrics["critic/score_mean"] = self.c.dp_mean(float(exp.scores.mean()))
         if self.cfg.algorithm.adv_estimator == "gae":
             exp.values = self.c.critic.compute_values(exp.student)
 
@@ -285,7 +307,7 @@ class Trainer:
     def _step_stats(self, exp: Experience, actor_on: bool, warmup: bool, metrics: dict) -> dict[str, float]:
         lengths = exp.student.response_mask.float().sum(-1)
         tokens = int(self.c.dp_sum(exp.student.attention_mask.sum().reshape(1))[0])
-        seconds = sum(v for k, v in metrics.items() if k.startswith("timing/"))
+        seconds = metrics["timing/step"]
         return {
             "trainer/actor_updated": float(actor_on),
             "trainer/generator_warmup": float(warmup),
@@ -294,13 +316,13 @@ class Trainer:
             **throughput_metrics(tokens, seconds, self.c.info.world_size),
         }
 
-    def _check_finite(self, metrics: dict[str, float]) -> None:
+    def _count_nonfinite(self, metrics: dict[str, float]) -> None:
+        """Count steps in a row with a non-finite loss (their updates were skipped)."""
         losses = [v for k, v in metrics.items() if k.endswith("_loss") and isinstance(v, float)]
-        if all(math.isfinite(v) for v in losses):
-            self.nonfinite_in_row = 0
-            return
-        self.nonfinite_in_row += 1
+        self.nonfinite_in_row = 0 if all(math.isfinite(v) for v in losses) else self.nonfinite_in_row + 1
         metrics["trainer/nonfinite_steps_in_row"] = float(self.nonfinite_in_row)
+
+    def _stop_if_nonfinite(self) -> None:
         limit = self.cfg.trainer.max_consecutive_nonfinite
         if self.nonfinite_in_row >= limit:
             raise TrainingStopped(f"{self.nonfinite_in_row} steps in a row had non-finite losses "
@@ -313,6 +335,8 @@ class Trainer:
         response tokens reproduced (``val/teacher_token_agreement``)."""
         if self.weights_stale:
             self._sync_weights()
+        elif self.c.rollout is not None:
+            self.c.rollout.wake()
         sums = torch.zeros(5, dtype=torch.float64)  # reward, exact, matched tokens, teacher tokens, rows
         for batch in self.c.val_loader.batches():
             exp = self._rollout(batch, greedy=True)
@@ -323,6 +347,7 @@ class Trainer:
                 sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
                 sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
             sums[4] += len(texts)
+        self._release_rollout()
         totals = self.c.dp_sum(sums)
         out = {}
         if self.c.mode is Mode.GAD:

@@ -15,24 +15,37 @@ import torch.distributed as dist
 
 from megatron_gad.config import TrainConfig, validate_config
 from megatron_gad.data.batch import Mode, PromptBatch, PromptLoader
+from megatron_gad.data.demo import DEMO_DATA_SOURCE
 from megatron_gad.runtime import ParallelInfo, init_distributed
+
+
+def dp_rows(size: int, dp: int, dp_rank: int, mini: int | None) -> list[int]:
+    """The prompts of a global batch of ``size`` that data-parallel rank ``dp_rank`` handles.
+
+    Training (``mini`` = prompts per mini-batch): for every mini-batch k the rank takes its
+    share ``[k*mini + r*mini/dp, k*mini + (r+1)*mini/dp)``, so its k-th local mini-batch holds
+    exactly global mini-batch k's prompts at every DP size. Validation (``mini`` None): a
+    near-even split (no gradient depends on it).
+    """
+    if mini is None:
+        return [int(i) for i in torch.arange(size).tensor_split(dp)[dp_rank]]
+    if size % mini or mini % dp:
+        raise ValueError(f"a batch of {size} prompts cannot be split into mini-batches of {mini} "
+                         f"prompts over {dp} data-parallel ranks")
+    share = mini // dp
+    return [k * mini + dp_rank * share + i for k in range(size // mini) for i in range(share)]
 
 
 class DataParallelBatches:
     """The global prompt batches of a loader, endlessly (epoch after epoch), sliced to this
-    data-parallel rank. Every rank draws the same global order; rank r keeps rows
-    ``[r * B / dp, (r + 1) * B / dp)``."""
+    data-parallel rank by :func:`dp_rows`. Every rank draws the same global order."""
 
-    def __init__(self, loader: PromptLoader, dp: int, dp_rank: int) -> None:
-        self.loader, self.dp, self.dp_rank = loader, dp, dp_rank
+    def __init__(self, loader: PromptLoader, dp: int, dp_rank: int, mini: int | None = None) -> None:
+        self.loader, self.dp, self.dp_rank, self.mini = loader, dp, dp_rank, mini
         self._it: Iterator[PromptBatch] | None = None
 
     def _slice(self, batch: PromptBatch) -> PromptBatch:
-        size = len(batch)
-        if size % self.dp:
-            raise ValueError(f"a batch of {size} prompts cannot be split over {self.dp} data-parallel ranks")
-        per = size // self.dp
-        return batch.select(list(range(self.dp_rank * per, (self.dp_rank + 1) * per)))
+        return batch.select(dp_rows(len(batch), self.dp, self.dp_rank, self.mini))
 
     def next_batch(self) -> PromptBatch:
         """This rank's slice of the next global batch (a new epoch starts when one ends)."""
@@ -65,6 +78,7 @@ class Components:
     info: ParallelInfo
     mode: Mode
     has_ground_truth: bool
+    demo_data: bool  # every row is the demo task's (its exact-match reward applies)
     tokenizer: Any
     tokenizer_dir: str
     loader: DataParallelBatches
@@ -144,6 +158,25 @@ def _load_hf_weights(engine: Any, hf_dir: str, hf_config: Any, role: str) -> boo
     return True
 
 
+def check_mode(cfg: TrainConfig, mode: Mode) -> None:
+    """Refuse settings the data's mode cannot serve (called before any model is built)."""
+    t = cfg.trainer
+    if mode is Mode.GAD and cfg.algorithm.adv_estimator == "gae":
+        raise ValueError("algorithm.adv_estimator=gae needs a value critic, but GAD data (rows with "
+                         "teacher_response) makes the critic the discriminator: use adv_estimator=grpo")
+    if mode is Mode.STANDARD and (t.generator_warmup_steps or t.generator_warmup_epochs):
+        raise ValueError("trainer.generator_warmup_steps/_epochs need GAD data (rows with teacher_response): "
+                         "the generator warmup fine-tunes on the teacher responses")
+    if mode is Mode.STANDARD and not cfg.custom_reward_function.path:
+        raise ValueError("data without teacher_response trains with a reward function: set "
+                         "custom_reward_function.path (and .name)")
+
+
+def _params_dtype(name: str) -> torch.dtype | None:
+    """``model.dtype`` as the Megatron parameter dtype (``auto``: bf16 on GPU, fp32 on CPU)."""
+    return None if name == "auto" else {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
 def _copy_params(dst: Any, src: Any) -> None:
     """Copy every parameter of ``src``'s stage into ``dst``'s (same model, same layout)."""
     from megatron_gad.models.sharding import unwrap
@@ -163,12 +196,13 @@ def build_engines(cfg: TrainConfig, mode: Mode, actor_hf: Any, info: ParallelInf
 
     tp, pp = info.tp, info.pp
     arr = cfg.actor_rollout_ref
-    actor = ActorEngine.create(transformer_config_from_hf(actor_hf, tp, pp), model_args_from_hf(actor_hf),
-                               arr.actor, arr.actor.optim)
+    actor_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype))
+    actor = ActorEngine.create(actor_tf, model_args_from_hf(actor_hf), arr.actor, arr.actor.optim)
     loaded = _load_hf_weights(actor, arr.model.path, actor_hf, "actor")
     ref = None
     if arr.actor.use_kl_loss:
-        ref = ActorEngine.create(transformer_config_from_hf(actor_hf, tp, pp), model_args_from_hf(actor_hf), arr.actor)
+        ref_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype))
+        ref = ActorEngine.create(ref_tf, model_args_from_hf(actor_hf), arr.actor)
         _copy_params(ref, actor)  # the reference is the initial policy
     critic = None
     if mode is Mode.GAD or cfg.algorithm.adv_estimator == "gae":
@@ -178,8 +212,8 @@ def build_engines(cfg: TrainConfig, mode: Mode, actor_hf: Any, info: ParallelInf
                                     loss_agg_mode=c.loss_agg_mode,
                                     ppo_micro_batch_size_per_gpu=c.ppo_micro_batch_size_per_gpu
                                     or arr.actor.ppo_micro_batch_size_per_gpu)
-        critic = CriticEngine.create(transformer_config_from_hf(critic_hf, tp, pp), model_args_from_hf(critic_hf),
-                                     settings, c.optim)
+        critic_tf = transformer_config_from_hf(critic_hf, tp, pp, params_dtype=_params_dtype(c.model.dtype))
+        critic = CriticEngine.create(critic_tf, model_args_from_hf(critic_hf), settings, c.optim)
         _load_hf_weights(critic, c.model.path, critic_hf, "critic")
     if info.rank == 0:
         print(f"[megatron_gad] actor weights: {'from ' + arr.model.path if loaded else 'Megatron initialisation'}",
@@ -229,6 +263,7 @@ def build_components(cfg: TrainConfig) -> Components:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     train_loader, val_loader = build_loaders(cfg.data, tokenizer)
     mode = train_loader.mode
+    check_mode(cfg, mode)
     actor_hf = AutoConfig.from_pretrained(model.path)
     engines = build_engines(cfg, mode, actor_hf, info)
     rollout = None
@@ -242,8 +277,9 @@ def build_components(cfg: TrainConfig) -> Components:
     return Components(
         info=info, mode=mode,
         has_ground_truth=any(r.ground_truth is not None for r in rows),
+        demo_data=all(r.data_source == DEMO_DATA_SOURCE for r in rows),
         tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
-        loader=DataParallelBatches(train_loader, info.dp, info.dp_rank),
+        loader=DataParallelBatches(train_loader, info.dp, info.dp_rank, cfg.actor_rollout_ref.actor.ppo_mini_batch_size),
         val_loader=DataParallelBatches(val_loader, info.dp, info.dp_rank) if val_loader is not None else None,
         actor=engines.actor, ref=engines.ref, critic=engines.critic, actor_hf_config=actor_hf,
         rollout=rollout, exporter=exporter, rollout_n=cfg.actor_rollout_ref.rollout.n,

@@ -123,6 +123,12 @@ def _algorithm_problems(cfg: TrainConfig) -> list[str]:
             f"actor_rollout_ref.actor.policy_loss={actor.policy_loss} with loss_agg_mode=seq-mean-token-sum "
             "makes the loss scale with response length (it explodes); use seq-mean-token-mean"
         )
+    if cfg.algorithm.use_kl_in_reward:
+        problems.append("algorithm.use_kl_in_reward=true is not implemented: use "
+                        "actor_rollout_ref.actor.use_kl_loss=true (KL to the reference as a loss term)")
+    if cfg.trainer.teacher_forced_validation:
+        problems.append("trainer.teacher_forced_validation=true is not implemented: the teacher-forced "
+                        "diagnostic is critic.teacher_repeat")
     if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
         problems.append(
             f"algorithm.adv_estimator=grpo needs actor_rollout_ref.rollout.n >= 2 (got {rollout.n}): "
@@ -137,10 +143,10 @@ def _trainer_problems(cfg: TrainConfig) -> list[str]:
     trainer, problems = cfg.trainer, []
     if trainer.total_training_steps is not None and trainer.total_training_steps < 1:
         problems.append(f"trainer.total_training_steps must be >= 1 or null, got {trainer.total_training_steps}")
-    for name in ("save_freq", "test_freq"):
+    for name, minus_one in (("save_freq", "only at the end"), ("test_freq", "off")):
         value = getattr(trainer, name)
         if value == 0 or value < -1:
-            problems.append(f"trainer.{name} must be -1 (off) or >= 1, got {value}")
+            problems.append(f"trainer.{name} must be -1 ({minus_one}) or >= 1, got {value}")
     if trainer.resume_mode not in ("auto", "disable") and not os.path.exists(trainer.resume_mode):
         problems.append(
             f"trainer.resume_mode={trainer.resume_mode!r}: expected auto, disable or an existing checkpoint path"
@@ -163,6 +169,12 @@ def _layout_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         problems.append(
             f"data.train_batch_size={cfg.data.train_batch_size} is not divisible by "
             f"actor_rollout_ref.ppo_mini_batch_size={arr.actor.ppo_mini_batch_size} (both count prompts)"
+        )
+    if critic.ppo_mini_batch_size % arr.actor.ppo_mini_batch_size or cfg.data.train_batch_size % critic.ppo_mini_batch_size:
+        problems.append(
+            f"critic.ppo_mini_batch_size={critic.ppo_mini_batch_size} must be a multiple of "
+            f"actor_rollout_ref.ppo_mini_batch_size={arr.actor.ppo_mini_batch_size} and divide "
+            f"data.train_batch_size={cfg.data.train_batch_size} (prompts are laid out over DP by actor mini-batch)"
         )
     problems += _batch_problems("actor_rollout_ref.actor", arr.actor.ppo_mini_batch_size,
                                 arr.actor.ppo_micro_batch_size_per_gpu, n, arr.megatron, world_size)

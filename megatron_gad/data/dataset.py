@@ -400,7 +400,10 @@ def build_loaders(config: DataConfig, tokenizer: Any) -> tuple[PromptLoader, Pro
         return train_loader, None
     val = PromptDataset(config.val_files, tokenizer, config, name="val")
     if val.mode is not train.mode:
-        logger.warning("val data is in %s mode, train data in %s mode", val.mode.value, train.mode.value)
+        raise DataError(
+            f"data.val_files are {val.mode.value} data but data.train_files are {train.mode.value} data: "
+            f"both must carry teacher_response, or neither"
+        )
     val_loader = PromptLoader(
         val, config.val_batch_size or len(val), False, config.seed, False, restart_each_pass=True
     )

@@ -95,7 +95,7 @@ def test_algorithm_combinations() -> None:
 def test_trainer_checks(tmp_path: Path) -> None:
     _fails("trainer.resume_mode='/no/such/ckpt'", "trainer.resume_mode=/no/such/ckpt")
     assert _load(f"trainer.resume_mode={tmp_path}").trainer.resume_mode == str(tmp_path)
-    _fails("trainer.save_freq must be -1 (off) or >= 1, got 0", "trainer.save_freq=0")
+    _fails("trainer.save_freq must be -1 (only at the end) or >= 1, got 0", "trainer.save_freq=0")
     _fails("set generator_warmup_steps or generator_warmup_epochs, not both",
            "trainer.generator_warmup_steps=2", "trainer.generator_warmup_epochs=1")
     _fails("custom_reward_function.path: no such file", "custom_reward_function.path=/no/reward.py")
@@ -150,3 +150,12 @@ def test_design_place_and_verl_place_of_ppo_batch_keys(tmp_path: Path) -> None:
     assert _load("actor_rollout_ref.ppo_mini_batch_size=8", yaml_path=path).actor_rollout_ref.actor.ppo_mini_batch_size == 8
     _fails("both set in the command line", "actor_rollout_ref.ppo_epochs=1", "actor_rollout_ref.actor.ppo_epochs=2")
     _fails("actor_rollout_ref.ppo_epochs must be >= 1, got 0", "actor_rollout_ref.ppo_epochs=0")
+
+
+def test_declared_but_unimplemented_options_are_refused() -> None:
+    _fails("algorithm.use_kl_in_reward=true is not implemented", "algorithm.use_kl_in_reward=true")
+    _fails("trainer.teacher_forced_validation=true is not implemented", "trainer.teacher_forced_validation=true")
+
+
+def test_critic_mini_batch_must_align_with_the_actor_layout() -> None:
+    _fails("critic.ppo_mini_batch_size=3 must be a multiple of", "critic.ppo_mini_batch_size=3")

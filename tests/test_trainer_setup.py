@@ -1,0 +1,44 @@
+"""Trainer set-up: how prompts are laid out over data-parallel ranks, and mode checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from megatron_gad.config import load_config
+from megatron_gad.data.batch import Mode
+from megatron_gad.trainer_setup import check_mode, dp_rows
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+
+
+def test_each_local_mini_batch_is_a_share_of_the_same_global_mini_batch() -> None:
+    # 8 prompts, mini-batches of 4: global mini-batch 0 = prompts 0-3, 1 = prompts 4-7.
+    assert dp_rows(8, 1, 0, 4) == list(range(8))
+    assert dp_rows(8, 2, 0, 4) == [0, 1, 4, 5] and dp_rows(8, 2, 1, 4) == [2, 3, 6, 7]
+    for dp in (1, 2, 4):
+        local_minis = [dp_rows(8, dp, r, 4) for r in range(dp)]
+        for k in range(2):  # local mini-batch k of every rank = global mini-batch k
+            share = 4 // dp
+            assert sorted(p for rows in local_minis for p in rows[k * share:(k + 1) * share]) == list(range(4 * k, 4 * k + 4))
+    with pytest.raises(ValueError, match="mini-batches of 4 prompts over 3"):
+        dp_rows(8, 3, 0, 4)
+
+
+def test_validation_splits_unevenly() -> None:
+    parts = [dp_rows(200, 3, r, None) for r in range(3)]
+    assert sorted(p for rows in parts for p in rows) == list(range(200))
+
+
+def test_mode_checks() -> None:
+    cfg = load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), ["algorithm.adv_estimator=gae"])
+    with pytest.raises(ValueError, match="adv_estimator=gae needs a value critic"):
+        check_mode(cfg, Mode.GAD)
+    cfg = load_config(os.path.join(CONFIGS, "gspo.yaml"), ["custom_reward_function.path=null"])
+    with pytest.raises(ValueError, match="set custom_reward_function.path"):
+        check_mode(cfg, Mode.STANDARD)
+    cfg = load_config(os.path.join(CONFIGS, "demo.yaml"), [])
+    with pytest.raises(ValueError, match="need GAD data"):
+        check_mode(cfg, Mode.STANDARD)
+    check_mode(cfg, Mode.GAD)
