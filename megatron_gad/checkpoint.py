@@ -118,8 +118,7 @@ def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trai
             json.dump(trainer_state, f)
     torch.distributed.barrier()
     if rank == 0:
-        _remove(final)
-        os.replace(tmp, final)
+        _publish(tmp, final)
         _write_atomic(os.path.join(root, LATEST_FILE), str(step))
     torch.distributed.barrier()
     return final
@@ -167,13 +166,35 @@ def load_training_checkpoint(path: str, roles: dict[str, tuple]) -> dict:
 
 
 def clean_incomplete(root: str) -> list[str]:
-    """Remove ``global_step_*.tmp`` directories left by a run killed while saving (rank 0 only)."""
+    """Recover from a run killed while saving (rank 0 only): remove ``global_step_*.tmp``
+    directories, and put back a ``global_step_<N>.old`` (the previous save of the same step,
+    moved aside by :func:`_publish`) whose replacement never arrived. Returns the paths removed."""
     if not os.path.isdir(root):
         return []
-    stale = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("global_step_") and d.endswith(".tmp")]
+    names = [d for d in os.listdir(root) if d.startswith("global_step_")]
+    stale = [os.path.join(root, d) for d in names if d.endswith(".tmp")]
     for path in stale:
         _remove(path)
+    for old in (os.path.join(root, d) for d in names if d.endswith(".old")):
+        final = old[: -len(".old")]
+        if os.path.isdir(final):
+            _remove(old)
+            stale.append(old)
+        else:
+            os.rename(old, final)
     return stale
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename the complete ``tmp`` to ``final``. A ``final`` saved earlier (the same step saved
+    again, e.g. after resuming from an older checkpoint) is moved aside first and removed last,
+    so a kill at any moment leaves a complete directory that :func:`clean_incomplete` restores."""
+    old = final + ".old"
+    if os.path.isdir(final):
+        _remove(old)
+        os.rename(final, old)
+    os.replace(tmp, final)
+    _remove(old)
 
 
 def _remove(path: str) -> None:

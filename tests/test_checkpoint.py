@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -114,3 +115,32 @@ def test_incomplete_save_is_ignored_and_cleaned(tmp_path) -> None:
     assert resolve_resume(root, "disable") is None
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(root, os.path.join(root, "global_step_7"))
+
+
+def test_a_step_saved_again_survives_a_kill_at_every_point(tmp_path) -> None:
+    """Saving a step that already exists moves the old directory aside; whichever rename a kill
+    interrupts, clean_incomplete leaves a complete checkpoint where the marker points."""
+    from megatron_gad.checkpoint import _publish
+
+    root = str(tmp_path)
+    run_distributed(_train_and_save, 1, args=(root,))
+    final = resolve_resume(root, "auto")
+    files = sorted(os.listdir(final))
+
+    # killed after moving the old directory aside, before the new one took its place
+    os.makedirs(final + ".tmp")
+    os.rename(final, final + ".old")
+    assert sorted(clean_incomplete(root)) == [final + ".tmp"]
+    assert resolve_resume(root, "auto") == final and sorted(os.listdir(final)) == files
+
+    # killed after the new directory took its place, before the old one was removed
+    shutil.copytree(final, final + ".old")
+    assert clean_incomplete(root) == [final + ".old"]
+    assert sorted(os.listdir(final)) == files
+
+    # an uninterrupted re-publish replaces the directory and leaves nothing beside it
+    shutil.copytree(final, final + ".tmp")
+    open(os.path.join(final + ".tmp", "marker-of-new"), "w").close()
+    _publish(final + ".tmp", final)
+    assert "marker-of-new" in os.listdir(final)
+    assert sorted(d for d in os.listdir(root) if d.startswith("global_step_")) == [os.path.basename(final)]
