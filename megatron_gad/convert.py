@@ -397,11 +397,11 @@ def verify_logits(hf_dir: str, megatron_dir: str, batch: int = 2, seq: int = 16,
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
     model = load_stage(megatron_dir, config, meta.role, torch.float32)
     got = megatron_outputs(model, ids)
-    diff = torch.zeros(())
+    diff = torch.zeros((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
     if got is not None:
         ref = hf_reference_outputs(hf_dir, meta.role, ids)
         got = got[..., :vocab] if meta.role == "actor" else got
-        diff = (got - ref).abs().max()
+        diff += (got.float().cpu() - ref.float()).abs().max().to(diff.device)
     if dist.is_initialized():
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff)

@@ -36,6 +36,8 @@ def export_hf_from_chunks(
     """
     rank = dist.get_rank()
     final = os.path.abspath(out_dir)
+    if not replace and os.path.exists(final):  # checked on every rank: none may enter the collectives
+        raise FileExistsError(f"{final} exists (export with replace=True to overwrite it)")
     staging = f"{final}.new"
     if rank == 0 and os.path.exists(staging):
         shutil.rmtree(staging)
@@ -46,8 +48,8 @@ def export_hf_from_chunks(
         writer = ShardWriter(tmp, "part", max_shard_bytes)
         for bucket in exporter.buckets():
             for name, tensor in bucket:
-                if rank == 0:
-                    writer.add(name, tensor.detach().to(dtype=dtype).contiguous().clone())
+                if rank == 0:  # shards are staged in host memory, not on the accelerator
+                    writer.add(name, tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous())
         if rank == 0:
             writer.flush()
             finish_shards(tmp, writer.files)
@@ -55,9 +57,19 @@ def export_hf_from_chunks(
             if aux_dir:
                 copy_aux_files(aux_dir, tmp)
     if rank == 0:
-        if os.path.exists(final):
-            if not replace:
-                raise FileExistsError(f"{final} exists")
-            shutil.rmtree(final)
-        os.rename(staging, final)
+        _swap_into_place(staging, final)
     dist.barrier()
+
+
+def _swap_into_place(staging: str, final: str) -> None:
+    """Rename the complete ``staging`` directory to ``final``; an existing ``final`` is moved
+    aside first and deleted last, so a kill at any point leaves a complete export on disk
+    (``final``, or ``final.old`` beside ``final.new``)."""
+    old = f"{final}.old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(staging, final)
+    if os.path.exists(old):
+        shutil.rmtree(old)

@@ -111,22 +111,25 @@ class Components:
         return box[0]
 
     def dp_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a float tensor over the data-parallel group."""
-        from megatron.core import parallel_state as ps
-
-        values = values.double().clone()
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-        return values
+        """Sum a float tensor over the data-parallel group; returns a float64 CPU tensor. The
+        reduction runs on this rank's device (NCCL takes no CPU tensors)."""
+        return self._dp_all_reduce(values, dist.ReduceOp.SUM)
 
     def dp_mean(self, value: float) -> float:
         return float(self.dp_sum(torch.tensor([value]))[0]) / self.info.dp
 
     def dp_max(self, value: float) -> float:
+        return float(self._dp_all_reduce(torch.tensor([value]), dist.ReduceOp.MAX)[0])
+
+    @staticmethod
+    def _dp_all_reduce(values: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
         from megatron.core import parallel_state as ps
 
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        return float(t[0])
+        from megatron_gad.runtime.distributed import device
+
+        values = values.to(device=device(), dtype=torch.float64, copy=True)
+        dist.all_reduce(values, op=op, group=ps.get_data_parallel_group())
+        return values.cpu()
 
 
 @dataclass

@@ -102,8 +102,9 @@ class RoleEngine:
               out_shape: tuple[int, ...]) -> Tensor:
         """Forward-only pass over ``batch`` in micro-batches of ``micro_batch_size`` rows;
         ``collect(out_list, micro_batch, output)`` appends each micro-batch's result on the last
-        stage; the concatenation (``out_shape``) is returned on EVERY stage. ``what`` names the
-        micro-batch setting in errors."""
+        stage; the concatenation (``out_shape``, float32) is returned on EVERY stage, on the CPU
+        (the trainer's experience lives on the host; micro-batches move to the device one at a
+        time). ``what`` names the micro-batch setting in errors."""
         micro = split_rows(batch, micro_batch_size, what)
         out: list[Tensor] = []
         self.run_schedule(micro, functools.partial(collect, out), forward_only=True)
@@ -111,7 +112,7 @@ class RoleEngine:
             result = torch.cat(out).float()
         else:
             result = torch.zeros(out_shape, dtype=torch.float32, device=device())
-        return broadcast_from_last_stage(result)
+        return broadcast_from_last_stage(result).cpu()
 
     def zero_grad(self) -> None:
         """Clear gradient buffers before a mini-batch."""
