@@ -17,7 +17,9 @@ vllm is imported inside the constructor only. Two placements of vLLM's engine co
 - otherwise in vLLM's own engine process (its default), which gets a fresh torch.distributed world
   (vLLM cannot join the trainer's multi-rank default group) and this rank's GPU
   (``CUDA_VISIBLE_DEVICES`` narrowed while it starts); buckets then travel through vLLM's RPC
-  as CPU tensors (its msgpack serialiser takes CPU tensors only).
+  as one safetensors byte string each (:func:`pack_bucket`): vLLM decodes utility-call arguments
+  without a schema, so a tensor would arrive as a ``[dtype, shape, buffer]`` list, while bytes
+  arrive as bytes in every version.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from megatron_gad.hf_io import hf_output_config
 from megatron_gad.rollout.base import (
     RolloutConfig,
     RolloutConfigError,
@@ -48,9 +51,12 @@ class WeightSyncExtension:
     """Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``) so the weight-loading
     method can be called by name through ``collective_rpc``, without pickling a callable."""
 
-    def mgad_load_weights(self, bucket: WeightBucket) -> int:
-        """Load HF-named tensors into this worker's model (its ``load_weights`` fuses q/k/v and
-        gate/up and takes this worker's TP shard). Returns the number of tensors."""
+    def mgad_load_weights(self, bucket: WeightBucket | bytes) -> int:
+        """Load HF-named tensors (a bucket, or one packed by :func:`pack_bucket`) into this
+        worker's model (its ``load_weights`` fuses q/k/v and gate/up and takes this worker's TP
+        shard). Returns the number of tensors."""
+        if isinstance(bucket, (bytes, bytearray, memoryview)):
+            bucket = unpack_bucket(bucket)
         model = self.model_runner.model  # type: ignore[attr-defined]
         device = next(model.parameters()).device
         model.load_weights(weights=((name, t.to(device, non_blocking=True)) for name, t in bucket))
@@ -60,19 +66,56 @@ class WeightSyncExtension:
 _EXTENSION = f"{__name__}.WeightSyncExtension"
 
 
+def pack_bucket(bucket: WeightBucket) -> bytes:
+    """A bucket as one safetensors byte string (host copies of its tensors, names kept)."""
+    from safetensors.torch import save
+
+    return save({name: t.detach().to("cpu", copy=True).contiguous() for name, t in bucket})
+
+
+def unpack_bucket(data: bytes | bytearray | memoryview) -> WeightBucket:
+    """The ``(name, tensor)`` pairs of a bucket packed by :func:`pack_bucket`."""
+    from safetensors.torch import load
+
+    return list(load(bytes(data)).items())
+
+
+def check_vllm_version(version: str) -> None:
+    """RolloutConfigError unless ``version`` lies in :data:`SUPPORTED_VLLM` (the engine core and
+    logprobs API this engine was written against)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if Version(version) not in SpecifierSet(SUPPORTED_VLLM):
+        raise RolloutConfigError(
+            f"vllm {version} is installed; the vllm rollout engine supports vllm{SUPPORTED_VLLM} "
+            f"(pip install 'megatron_gad[vllm]'), or use actor_rollout_ref.rollout.name=cpu"
+        )
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """Rollout engine on ``vllm.LLM``; construct on the exporter's destination rank (one GPU)."""
 
-    def __init__(self, cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec, sleep_level: int = 1) -> None:
+    def __init__(self, cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec, sleep_level: int = 1,
+                 in_process: bool | None = None) -> None:
+        """``in_process``: run vLLM's engine core in this process (default: only in a world of
+        one with rollout TP 1, see the module docstring)."""
         reason = vllm_unavailable_reason()
         if reason is not None:
             raise RolloutConfigError(f"actor_rollout_ref.rollout.name=vllm cannot run here: {reason}")
+        import vllm
+
+        check_vllm_version(vllm.__version__)
         cfg.validate()
         self.cfg, self.tokens, self.sleep_level = cfg, tokens, sleep_level
-        self.in_process = cfg.tensor_model_parallel_size == 1 and not _in_multi_rank_world()
+        if in_process is None:
+            in_process = cfg.tensor_model_parallel_size == 1 and not _in_multi_rank_world()
+        self.in_process = in_process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         self._model_dir = tempfile.TemporaryDirectory(prefix="mgad_vllm_model_")
-        hf_config.save_pretrained(self._model_dir.name)  # config.json only: weights come from us
+        # config.json only (weights come from the exporter), naming the *ForCausalLM class vLLM
+        # looks up even when the actor's config came without ``architectures``.
+        hf_output_config(hf_config, "actor", cfg.torch_dtype).save_pretrained(self._model_dir.name)
         with _visible_devices(None if self.in_process else _this_gpu(cfg.tensor_model_parallel_size)):
             self.llm = self._build_llm(cfg)
         self.sleeping = False
@@ -116,7 +159,7 @@ class VLLMRolloutEngine(RolloutEngine):
         whose KV entries belong to the old weights."""
         self.wake()
         for bucket in buckets:
-            payload = bucket if self.in_process else [(n, t.detach().cpu()) for n, t in bucket]
+            payload = bucket if self.in_process else pack_bucket(bucket)
             self.llm.collective_rpc("mgad_load_weights", args=(payload,))
             del bucket, payload
         if torch.cuda.is_available():

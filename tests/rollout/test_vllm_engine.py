@@ -56,6 +56,32 @@ def test_cpu_engine_rejects_unknown_and_missing_weights() -> None:
         engine.load_weights([[("model.norm.weight", torch.ones(128))]])
 
 
+def test_bucket_packing_round_trips_bit_exact() -> None:
+    """The byte form that carries buckets to a vLLM engine core in another process."""
+    from megatron_gad.rollout.vllm_engine import pack_bucket, unpack_bucket
+
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(6, 4, generator=g)
+    bucket = [("q", fused[:2]), ("k", fused[2:4].t()), ("norm", torch.randn(4, generator=g).bfloat16()),
+              ("ids", torch.arange(3))]
+    data = pack_bucket(bucket)
+    assert isinstance(data, bytes)
+    got = dict(unpack_bucket(memoryview(data)))
+    assert sorted(got) == sorted(n for n, _ in bucket)
+    for name, t in bucket:
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_vllm_version_range_is_enforced() -> None:
+    from megatron_gad.rollout.vllm_engine import check_vllm_version
+
+    for ok in ("0.10.2", "0.11.0", "0.11.2"):
+        check_vllm_version(ok)
+    for bad in ("0.9.2", "0.10.1.1", "0.12.0"):
+        with pytest.raises(RolloutConfigError, match=f"vllm {bad} is installed"):
+            check_vllm_version(bad)
+
+
 gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None, reason="needs CUDA and vllm"
 )
@@ -63,18 +89,22 @@ gpu = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @gpu
-def test_vllm_engine_matches_transformers_and_follows_weight_updates() -> None:
+@pytest.mark.parametrize("in_process", [True, False], ids=["engine-in-process", "engine-process"])
+def test_vllm_engine_matches_transformers_and_follows_weight_updates(in_process: bool) -> None:
     """Greedy tokens equal transformers' (fp32 on both sides); processed log-probs of sampled tokens
     agree with log_softmax(logits / T) of an HF forward; sleep/wake keeps the weights; a new
-    weight sync changes the output."""
+    weight sync changes the output. Both placements of vLLM's engine core (this process, where
+    buckets pass by reference; its own process, where they travel packed)."""
     from transformers import AutoModelForCausalLM
+
+    from megatron_gad.rollout.vllm_engine import VLLMRolloutEngine
 
     torch.manual_seed(0)
     hf_cfg = tiny_llama()
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).cuda().eval()
     cfg = RolloutConfig(name="vllm", n=2, temperature=0.8, response_length=12, prompt_length=16, dtype="float32",
                         gpu_memory_utilization=0.3, max_num_seqs=16)
-    engine = make_rollout_engine(cfg, hf_cfg, TokenSpec(PAD, (EOS,)))
+    engine = VLLMRolloutEngine(cfg, hf_cfg, TokenSpec(PAD, (EOS,)), in_process=in_process)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     engine.load_weights([named[:5], named[5:]])
     g = torch.Generator().manual_seed(0)
