@@ -2,8 +2,11 @@
 
 A reward function has the verl signature
 ``fn(data_source: str, solution_str: str, ground_truth, extra_info: dict | None) -> float``.
-``custom_reward_function.path`` names a Python file and ``.name`` the function in it; without a
-path the built-in exact-match reward of the demo task is used.
+``custom_reward_function.path`` names a Python file and ``.name`` the function in it. Standard
+data needs one (the trainer refuses it without). On GAD data a reward function is optional and
+only scores validation (``val/reward``); for the demo task's own data the trainer loads its
+built-in exact-match reward (:func:`load_reward_fn` with no path). ``extra_info`` is the row's
+``extra_info`` column, as in verl.
 """
 
 from __future__ import annotations

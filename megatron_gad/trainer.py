@@ -55,9 +55,10 @@ def sft_batch(teacher: SequenceBatch) -> SftBatch:
     return SftBatch(teacher.input_ids, teacher.attention_mask, teacher.position_ids, loss_mask)
 
 
-def extra_infos(batch: PromptBatch) -> list[dict]:
-    """Each row's pass-through columns as the ``extra_info`` dict of a reward function."""
-    return [{key: values[i] for key, values in batch.extra.items()} for i in range(len(batch))]
+def extra_infos(batch: PromptBatch) -> list[dict | None]:
+    """Each row's ``extra_info`` column (None where the data has none): the ``extra_info``
+    argument of a reward function, as verl passes it."""
+    return list(batch.extra.get("extra_info", [None] * len(batch)))
 
 
 def token_agreement(student: SequenceBatch, batch: PromptBatch) -> tuple[float, float]:
@@ -342,7 +343,8 @@ class Trainer:
             exp = self._rollout(batch, greedy=True)
             texts = self.c.decode(exp.student.responses, exp.student.response_mask)
             if self.reward_fn is not None:
-                sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth).sum())
+                sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
+                                                 extra_infos(batch)).sum())
             if batch.teacher_response is not None:
                 sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
                 sums[2:4] += torch.tensor(token_agreement(exp.student, batch))

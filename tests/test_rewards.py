@@ -40,3 +40,27 @@ def test_a_file_with_dataclasses_loads() -> None:
 
     fn = load_reward_fn(os.path.abspath(demo.__file__), "demo_reward")
     assert score_responses(fn, ["The answer is 7."], ["demo"], ["7"]).tolist() == [1.0]
+
+
+def test_extra_info_is_the_rows_extra_info_column(tmp_path) -> None:
+    """verl's contract: ``extra_info`` is the row's ``extra_info`` column, not all pass-through
+    columns; rows of data without that column get None."""
+    from megatron_gad.data import Mode, TokenizedRow, collate_rows
+    from megatron_gad.trainer import extra_infos
+
+    def row(i: int, extra: dict) -> TokenizedRow:
+        return TokenizedRow(index=i, source=f"f row {i}", raw_prompt=[{"role": "user", "content": "q"}],
+                            prompt_ids=[5], teacher_response=None, teacher_response_ids=None, ground_truth="1",
+                            data_source="src", extra=extra)
+
+    with_column = collate_rows([row(0, {"extra_info": {"split": "train"}, "other": 1}),
+                                row(1, {"extra_info": {"split": "test"}, "other": 2})], Mode.STANDARD, 2, 2, 0)
+    path = tmp_path / "split_reward.py"
+    path.write_text("def by_split(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    "    return 1.0 if extra_info['split'] == 'train' else -1.0\n")
+    fn = load_reward_fn(str(path), "by_split")
+    infos = extra_infos(with_column)
+    assert infos == [{"split": "train"}, {"split": "test"}]
+    assert score_responses(fn, ["a", "b"], ["src", "src"], ["1", "1"], infos).tolist() == [1.0, -1.0]
+    without = collate_rows([row(0, {"other": 1})], Mode.STANDARD, 2, 2, 0)
+    assert extra_infos(without) == [None]

@@ -239,7 +239,9 @@ class RewardFunctionConfig:
     """``custom_reward_function``: the reward of standard (non-GAD) data."""
 
     path: str | None = None
-    """Python file defining the function (None: the built-in exact-match reward)."""
+    """Python file defining the function. Required for standard data (rows without
+    ``teacher_response``). With GAD data it is optional and only feeds ``val/reward``; the demo
+    task's own data then uses its built-in exact-match reward."""
     name: str = "compute_score"
     """Function name in that file: ``(data_source, solution_str, ground_truth, extra_info) -> float``."""
 
