@@ -43,8 +43,20 @@ def prepare_demo_assets(timeout_s: float = 600.0) -> None:
         time.sleep(0.5)
 
 
+def quiet_cpu_only_warnings() -> None:
+    """Without CUDA, Transformer Engine and apex cannot exist: megatron-core's notices that it
+    falls back to torch implementations are noise there (they stay on GPU machines)."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+
+
 def main(argv: list[str]) -> int:
     config_path, overrides = parse_args(argv)
+    quiet_cpu_only_warnings()
     demo = config_path is None
     if demo:
         os.chdir(REPO)  # the demo config's paths are relative to the repository root

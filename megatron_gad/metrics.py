@@ -202,7 +202,9 @@ class MetricsLogger:
 def _progress_bar(total: int | None, initial: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    # disable=None: no bar when stderr is not a terminal (a log file gets the per-step lines only)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+                disable=None)
 
 
 def _start_wandb(out_dir: str, project: str, run_name: str, config: Mapping[str, Any] | None) -> Any:
