@@ -61,21 +61,28 @@ def compute_advantages(
     norm_by_std: bool = True,
     gamma: float = 1.0,
     lam: float = 0.95,
+    token_penalty: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Token advantages ``[N, R]`` (and returns for GAE) from sequence scores ``[N]``.
 
     ``grpo``: group-normalised scores broadcast over each row's valid response tokens.
     ``gae``: the score is the reward of the last valid response token; ``values`` ``[N, R]`` are
-    required. Raises ValueError for an unknown estimator or missing values.
+    required. ``token_penalty`` ``[N, R]`` (the in-reward KL penalty) is subtracted from the token
+    rewards on valid tokens; GRPO then normalises each row's total reward. Raises ValueError for
+    an unknown estimator or missing values.
     """
     mask = response_mask.to(scores.dtype)
+    penalty = None if token_penalty is None else token_penalty.to(scores.dtype) * mask
     if estimator == "grpo":
-        adv = grpo_advantages(scores, group_index, norm_by_std=norm_by_std)
+        totals = scores if penalty is None else scores - penalty.sum(-1)
+        adv = grpo_advantages(totals, group_index, norm_by_std=norm_by_std)
         return adv.unsqueeze(1) * mask, None
     if estimator == "gae":
         if values is None:
             raise ValueError("adv_estimator 'gae' needs critic values (a value critic)")
         rewards = place_at_last_token(scores, response_mask)
+        if penalty is not None:
+            rewards = rewards - penalty
         return gae_advantages(rewards, values, mask, gamma, lam)
     raise ValueError(f"adv_estimator {estimator!r} is not one of {', '.join(ADV_ESTIMATORS)}")
 
@@ -91,3 +98,25 @@ def teacher_forced_scores(group_index: Tensor, teacher_repeat: int) -> Tensor:
     if not bool((groups == groups[:, :1]).all()):
         raise ValueError("rows of a prompt must be consecutive for the teacher-forced diagnostic")
     return torch.arange(teacher_repeat, dtype=torch.float32).repeat(n // teacher_repeat)
+
+
+@dataclass
+class KLController:
+    """Coefficient of the in-reward KL penalty (``algorithm.kl_ctrl``).
+
+    ``fixed`` keeps ``coef``. ``adaptive`` (Ziegler et al., 2019) multiplies it after each step by
+    ``1 + clip(kl / target_kl - 1, -0.2, 0.2) * sequences / horizon``, steering the measured KL
+    towards ``target_kl``. ``coef`` is part of the trainer state (checkpointed).
+    """
+
+    coef: float
+    adaptive: bool = False
+    target_kl: float = 0.1
+    horizon: int = 10000
+
+    def update(self, kl: float, sequences: int) -> None:
+        """Adapt ``coef`` to the step's mean KL over ``sequences`` sequences (no-op when fixed)."""
+        if not self.adaptive:
+            return
+        error = min(max(kl / self.target_kl - 1.0, -0.2), 0.2)
+        self.coef *= 1.0 + error * sequences / self.horizon

@@ -26,12 +26,12 @@ from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import TrainConfig, save_resolved
 from megatron_gad.data.batch import Mode, PromptBatch
 from megatron_gad.engine import PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch, local_mini_batch_size
-from megatron_gad.experience import Experience, compute_advantages, join, teacher_forced_scores
-from megatron_gad.losses import discriminator_accuracy
+from megatron_gad.experience import Experience, KLController, compute_advantages, join, teacher_forced_scores
+from megatron_gad.losses import discriminator_accuracy, kl_penalty
 from megatron_gad.metrics import MetricsLogger, Timer, throughput_metrics
 from megatron_gad.models.build import set_lr, warmup_lr
 from megatron_gad.rewards import load_reward_fn, score_responses
-from megatron_gad.rollout.base import logprob_agreement
+from megatron_gad.rollout.base import ModelDivergedError, logprob_agreement
 from megatron_gad.rollout.weight_export import sync_weights
 from megatron_gad.trainer_setup import Components, build_components
 
@@ -83,6 +83,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.weights_stale = True
+        kl = cfg.algorithm.kl_ctrl
+        self.kl_ctrl = KLController(kl.kl_coef, kl.type == "adaptive", kl.target_kl, kl.horizon)
         self._resume()
         if self.c.info.rank == 0:
             save_resolved(cfg, os.path.join(cfg.trainer.default_local_dir, "config.yaml"))
@@ -111,6 +113,7 @@ class Trainer:
         self.step = int(state["step"])
         self.c.loader.load_state_dict(state["data"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.kl_ctrl.coef = float(state.get("kl_coef", self.kl_ctrl.coef))
         self._log0(f"resumed from {path} at step {self.step}")
 
     def _log0(self, text: str) -> None:
@@ -144,7 +147,8 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint both roles, the data position and this rank's RNG (collective)."""
-        state = {"step": self.step, "data": self.c.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row}
+        state = {"step": self.step, "data": self.c.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
+                 "kl_coef": self.kl_ctrl.coef}
         return ckpt.save_training_checkpoint(self.cfg.trainer.default_local_dir, self.step, self._roles(), state)
 
     def export_actor(self, out_dir: str) -> None:
@@ -160,18 +164,21 @@ class Trainer:
         """Run one step on this rank's slice of the prompt batch; return the step's metrics."""
         cfg, timer = self.cfg, Timer()
         metrics: dict[str, float] = {}
-        with timer("weight_sync"):
-            self._sync_weights()
-        with timer("rollout"):
-            rows = batch.repeat(self.c.rollout_n)
-            exp = self._rollout(rows)
-            self._release_rollout()
+        try:
+            with timer("weight_sync"):
+                self._sync_weights()
+            with timer("rollout"):
+                rows = batch.repeat(self.c.rollout_n)
+                exp = self._rollout(rows)
+                self._release_rollout()
+        except ModelDivergedError as exc:
+            raise TrainingStopped(f"stopping at step {self.step + 1}: {exc}") from exc
         with timer("old_log_prob"):
             self._recompute_log_probs(exp, metrics)
         with timer("score"):
             self._score(exp, rows, metrics)
         with timer("advantages"):
-            self._advantages(exp)
+            self._advantages(exp, metrics)
         generator_warmup, actor_on = self.phase(self.step)
         self._set_learning_rates(generator_warmup)
         with timer("critic_update"):
@@ -261,13 +268,17 @@ class Trainer:
     def _score(self, exp: Experience, rows: PromptBatch, metrics: dict[str, float]) -> None:
         if self.c.mode is Mode.GAD:
             repeat = self.cfg.critic.teacher_repeat
-            if repeat > 0:  # the design's diagnostic: synthetic known-ranking scores
-                exp.scores = teacher_forced_scores(exp.group_index, repeat)
+            if repeat > 0:
+                # The design's teacher-forced diagnostic: the j-th copy of a prompt's teacher
+                # response is valued j instead of by a forward pass, and GRPO runs on these known
+                # rankings. The discriminator still trains on real forward passes.
+                exp.teacher_scores = teacher_forced_scores(exp.group_index, repeat)
+                exp.scores = exp.teacher_scores
             else:
                 exp.scores = self.c.critic.compute_scores(exp.student)
-            exp.teacher_scores = self.c.critic.compute_scores(exp.teacher)
-            metrics["critic/teacher_score_gt_student"] = self.c.dp_mean(
-                float(discriminator_accuracy(exp.teacher_scores, exp.scores)))
+                exp.teacher_scores = self.c.critic.compute_scores(exp.teacher)
+                metrics["critic/teacher_score_gt_student"] = self.c.dp_mean(
+                    float(discriminator_accuracy(exp.teacher_scores, exp.scores)))
         else:
             scores = None
             if self.c.rollout is not None:  # one call per replica, shared: rewards may be costly or random
@@ -279,12 +290,28 @@ class Trainer:
         if self.cfg.algorithm.adv_estimator == "gae":
             exp.values = self.c.critic.compute_values(exp.student)
 
-    def _advantages(self, exp: Experience) -> None:
+    def _advantages(self, exp: Experience, metrics: dict[str, float]) -> None:
         alg = self.cfg.algorithm
         exp.advantages, exp.returns = compute_advantages(
             alg.adv_estimator, exp.scores, exp.group_index, exp.student.response_mask, values=exp.values,
             norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam,
+            token_penalty=self._reward_kl_penalty(exp, metrics),
         )
+
+    def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float]) -> torch.Tensor | None:
+        """``algorithm.use_kl_in_reward``: the per-token penalty ``coef * KL(actor || ref)`` on the
+        rollout's tokens (old log-probs against the reference); adapts the coefficient."""
+        alg = self.cfg.algorithm
+        if not alg.use_kl_in_reward:
+            return None
+        mask = exp.student.response_mask.float()
+        kl = kl_penalty(exp.old_log_probs, exp.ref_log_probs, alg.kl_penalty) * mask
+        mean_kl = self.c.dp_mean(float((kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean()))
+        penalty = self.kl_ctrl.coef * kl
+        metrics["actor/reward_kl_penalty"] = mean_kl
+        metrics["actor/reward_kl_penalty_coeff"] = self.kl_ctrl.coef
+        self.kl_ctrl.update(mean_kl, exp.student.rows * self.c.info.dp)
+        return penalty
 
     def _update_critic(self, exp: Experience) -> dict[str, float]:
         if self.c.critic is None:
@@ -332,13 +359,16 @@ class Trainer:
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
         """Greedy responses to the held-out prompts: mean reward (exact match for the demo) and,
-        on GAD data, the share of responses identical to the teacher's and the share of teacher
-        response tokens reproduced (``val/teacher_token_agreement``)."""
+        on GAD data, the share of responses identical to the teacher's, the share of teacher
+        response tokens reproduced (``val/teacher_token_agreement``) and, with
+        ``trainer.teacher_forced_validation``, the actor's mean log-probability per teacher
+        response token (``val/teacher_log_prob``, temperature 1)."""
         if self.weights_stale:
             self._sync_weights()
         elif self.c.rollout is not None:
             self.c.rollout.wake()
-        sums = torch.zeros(5, dtype=torch.float64)  # reward, exact, matched tokens, teacher tokens, rows
+        # reward, exact, matched tokens, teacher tokens, rows, teacher log-prob sum
+        sums = torch.zeros(6, dtype=torch.float64)
         for batch in self.c.val_loader.batches():
             exp = self._rollout(batch, greedy=True)
             texts = self.c.decode(exp.student.responses, exp.student.response_mask)
@@ -348,6 +378,8 @@ class Trainer:
             if batch.teacher_response is not None:
                 sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
                 sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
+                if self.cfg.trainer.teacher_forced_validation:
+                    sums[5] += self._teacher_log_prob_sum(batch)
             sums[4] += len(texts)
         self._release_rollout()
         totals = self.c.dp_sum(sums)
@@ -355,9 +387,20 @@ class Trainer:
         if self.c.mode is Mode.GAD:
             out["val/teacher_exact_match"] = float(totals[1] / totals[4])
             out["val/teacher_token_agreement"] = float(totals[2] / totals[3].clamp(min=1))
+            if self.cfg.trainer.teacher_forced_validation:
+                out["val/teacher_log_prob"] = float(totals[5] / totals[3].clamp(min=1))
         if self.reward_fn is not None:
             out["val/reward"] = float(totals[0] / totals[4])
         return out
+
+
+    def _teacher_log_prob_sum(self, batch: PromptBatch) -> float:
+        """Sum of the actor's log-probs (temperature 1) of the teacher response tokens of ``batch``
+        (collective over the model-parallel group)."""
+        teacher = teacher_sequences(batch)
+        micro = math.gcd(teacher.rows, self.cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu)
+        log_probs, _ = self.c.actor.compute_log_probs(teacher, 1.0, micro_batch_size=micro)
+        return float((log_probs * teacher.response_mask).sum())
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:

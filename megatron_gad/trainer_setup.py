@@ -203,7 +203,7 @@ def build_engines(cfg: TrainConfig, mode: Mode, actor_hf: Any, info: ParallelInf
     actor = ActorEngine.create(actor_tf, model_args_from_hf(actor_hf), arr.actor, arr.actor.optim)
     loaded = _load_hf_weights(actor, arr.model.path, actor_hf, "actor")
     ref = None
-    if arr.actor.use_kl_loss:
+    if arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
         ref_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype))
         ref = ActorEngine.create(ref_tf, model_args_from_hf(actor_hf), arr.actor)
         _copy_params(ref, actor)  # the reference is the initial policy

@@ -149,8 +149,10 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path) -> None:
+    # An adaptive in-reward KL coefficient is trainer state: the resumed run must restore it.
     steps = {"trainer.total_training_steps": 6, "trainer.save_freq": 2, "trainer.generator_warmup_steps": 1,
-             "trainer.critic_warmup": 1}
+             "trainer.critic_warmup": 1, "algorithm.use_kl_in_reward": True, "algorithm.kl_ctrl.type": "adaptive",
+             "algorithm.kl_ctrl.horizon": 20}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
     subprocess.run(_cli(overrides_for(assets, ref_dir, True, **steps)), check=True, env=env,
@@ -214,3 +216,123 @@ def test_actor_and_critic_start_from_hf_weights(assets, tmp_path) -> None:
     for rank in out:
         assert rank["actor"] and rank["critic_trunk"] and rank["critic_norm"]
         assert 0.005 < rank["head_std"] < 0.05  # drawn from N(0, initializer_range^2)
+
+
+def test_standard_ppo_with_adaptive_kl_in_reward(assets, tmp_path) -> None:
+    """``algorithm.use_kl_in_reward``: a reference model is built, the penalty and its coefficient
+    are reported, and the adaptive controller moves the coefficient (step 1's KL is exactly 0,
+    the policy still being the reference, so the coefficient shrinks by the clipped 20% rate)."""
+    out = str(tmp_path / "run")
+    extra = {"actor_rollout_ref.rollout.n": 1, "algorithm.adv_estimator": "gae", "algorithm.use_kl_in_reward": True,
+             "algorithm.kl_penalty": "low_var_kl", "algorithm.kl_ctrl.type": "adaptive",
+             "algorithm.kl_ctrl.kl_coef": 0.1, "algorithm.kl_ctrl.horizon": 40, "algorithm.kl_ctrl.target_kl": 0.01}
+    run_distributed(train, 1, args=("ppo.yaml", overrides_for(assets, out, False, **extra)), timeout_s=600)
+    rows = read_metrics(out)
+    coefs = [r["actor/reward_kl_penalty_coeff"] for r in rows]
+    assert rows[0]["actor/reward_kl_penalty"] == 0.0
+    assert coefs[0] == 0.1 and coefs[1] == pytest.approx(0.1 * (1 - 0.2 * 4 / 40))
+    assert rows[-1]["actor/reward_kl_penalty"] > 0.0  # the actor has moved away from the reference
+    assert all(math.isfinite(r["critic/vf_loss"]) and math.isfinite(r["actor/pg_loss"]) for r in rows)
+
+
+def _export_matches_the_actor(overrides: list[str]) -> dict:
+    """Per rank: train, then compare the exported HF directory with the actor's own weights."""
+    from safetensors.torch import load_file
+
+    from megatron_gad.config import load_config
+    from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
+    from megatron_gad.models.sharding import full_tensors
+    from megatron_gad.trainer import Trainer
+
+    cfg = load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    expected = {}
+    for name, full in full_tensors(trainer.c.actor.chunks[0]):
+        expected.update(megatron_to_hf_tensors(name, full, trainer.c.actor_hf_config, "actor"))
+    export_dir = os.path.join(cfg.trainer.default_local_dir, "actor_hf")
+    files = [f for f in os.listdir(export_dir) if f.endswith(".safetensors")]
+    exported = {k: v for f in files for k, v in load_file(os.path.join(export_dir, f)).items()}
+    same = set(exported) == set(expected) and all(torch.equal(exported[k], expected[k]) for k in expected)
+    return {"same": same, "files": sorted(os.listdir(export_dir))}
+
+
+def test_gad_warmups_validation_diagnostics_and_export(assets, tmp_path) -> None:
+    """Generator warmup (SFT) -> critic warmup -> GAD, visible per step; teacher-forced validation;
+    the exported HF actor equals the trained actor and loads in transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path / "run")
+    extra = {"trainer.generator_warmup_steps": 1, "trainer.critic_warmup": 1, "trainer.test_freq": 3,
+             "trainer.val_before_train": True, "trainer.teacher_forced_validation": True, "trainer.export_hf": True,
+             "data.val_batch_size": 100}
+    result = run_distributed(_export_matches_the_actor, 1, args=(overrides_for(assets, out, True, **extra),),
+                             timeout_s=600)[0]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    phases = [(r.get("trainer/generator_warmup"), r.get("trainer/actor_updated")) for r in rows[1:]]
+    assert phases == [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0)]
+    assert "actor/sft_loss" in rows[1] and "actor/pg_loss" not in rows[2] and "actor/pg_loss" in rows[3]
+    assert all("critic/d_loss" in r for r in rows[1:])
+    before, after = rows[0]["val/teacher_log_prob"], rows[3]["val/teacher_log_prob"]
+    assert before < 0 and after < 0 and after != before
+    assert result["same"], "the exported actor differs from the trained one"
+    assert "config.json" in result["files"] and "tokenizer.json" in result["files"]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor_hf"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "actor_hf"))
+    ids = tokenizer("1 + 2 =", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+def _diagnostic_step(overrides: list[str]) -> dict:
+    from megatron_gad.config import load_config
+    from megatron_gad.trainer import Trainer
+
+    trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
+    return trainer.train_step(trainer.c.loader.next_batch())
+
+
+def test_teacher_forced_diagnostic_feeds_grpo_known_ranks(assets, tmp_path) -> None:
+    """``critic.teacher_repeat = n``: the j-th teacher copy of each prompt is valued j (no forward
+    pass), GRPO sees those values, and the discriminator still trains on real passes."""
+    extra = {"critic.teacher_repeat": 2, "actor_rollout_ref.rollout.n": 2}
+    metrics = run_distributed(_diagnostic_step, 1, args=(overrides_for(assets, str(tmp_path / "run"), True, **extra),),
+                              timeout_s=600)[0]
+    assert metrics["critic/score_mean"] == 0.5  # mean of the synthetic values 0 and 1
+    assert "critic/teacher_score_gt_student" not in metrics
+    assert math.isfinite(metrics["critic/d_loss"]) and math.isfinite(metrics["actor/pg_loss"])
+
+
+def _run_cli_expecting_exit_2(overrides: list[str]) -> str:
+    proc = subprocess.run(_cli(overrides), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_non_finite_losses_skip_updates_and_stop_the_run(assets, tmp_path) -> None:
+    """An absurd critic learning rate blows the discriminator up in its first update: from then on
+    its scores and losses are non-finite, the critic and actor updates are skipped and counted,
+    and the run stops with exit 2 after the configured number in a row, the tripping step logged."""
+    out = str(tmp_path / "run")
+    extra = {"critic.optim.lr": 1e30, "trainer.max_consecutive_nonfinite": 2, "trainer.total_training_steps": 5}
+    last_line = _run_cli_expecting_exit_2(overrides_for(assets, out, True, **extra))
+    assert last_line.startswith("error: 2 steps in a row had non-finite losses"), last_line
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["trainer/nonfinite_steps_in_row"] for r in rows] == [0.0, 1.0, 2.0]
+    assert [r["critic/update_skipped"] for r in rows] == [0.0, 1.0, 1.0]
+
+
+def test_diverged_actor_weights_stop_the_run_before_a_rollout(assets, tmp_path) -> None:
+    """An absurd SFT learning rate makes the actor overflow within a few updates: the weight sync
+    (inf/NaN weights) or the rollout (inf/NaN logits) of the next step stops the run with one
+    line (exit 2) instead of sampling from garbage; the steps before it are logged."""
+    import re
+
+    out = str(tmp_path / "run")
+    extra = {"trainer.generator_warmup_steps": 3, "trainer.generator_warmup_lr": 1e30}
+    last_line = _run_cli_expecting_exit_2(overrides_for(assets, out, True, **extra))
+    found = re.match(r"error: stopping at step (\d+): .*inf/NaN.*diverged", last_line)
+    assert found and int(found.group(1)) in (2, 3), last_line
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, int(found.group(1))))

@@ -123,12 +123,12 @@ def _algorithm_problems(cfg: TrainConfig) -> list[str]:
             f"actor_rollout_ref.actor.policy_loss={actor.policy_loss} with loss_agg_mode=seq-mean-token-sum "
             "makes the loss scale with response length (it explodes); use seq-mean-token-mean"
         )
-    if cfg.algorithm.use_kl_in_reward:
-        problems.append("algorithm.use_kl_in_reward=true is not implemented: use "
-                        "actor_rollout_ref.actor.use_kl_loss=true (KL to the reference as a loss term)")
-    if cfg.trainer.teacher_forced_validation:
-        problems.append("trainer.teacher_forced_validation=true is not implemented: the teacher-forced "
-                        "diagnostic is critic.teacher_repeat")
+    kl = cfg.algorithm.kl_ctrl
+    for ok, key, expected, value in ((kl.kl_coef >= 0, "kl_coef", ">= 0", kl.kl_coef),
+                                     (kl.target_kl > 0, "target_kl", "> 0", kl.target_kl),
+                                     (kl.horizon >= 1, "horizon", ">= 1", kl.horizon)):
+        if not ok:
+            problems.append(f"algorithm.kl_ctrl.{key} must be {expected}, got {value}")
     if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
         problems.append(
             f"algorithm.adv_estimator=grpo needs actor_rollout_ref.rollout.n >= 2 (got {rollout.n}): "

@@ -217,7 +217,8 @@ class TrainerConfig:
     max_consecutive_nonfinite: int = 3
     """Stop after this many steps in a row with a non-finite loss (their updates are skipped)."""
     teacher_forced_validation: bool = False
-    """Also report the actor's log-likelihood of the teacher responses at validation."""
+    """GAD data: also report ``val/teacher_log_prob``, the actor's mean log-probability per
+    teacher response token on the validation prompts (temperature 1)."""
     export_hf: bool = True
     """Export the trained actor as an HF directory (<default_local_dir>/actor_hf) at the end."""
 

@@ -30,6 +30,11 @@ class RolloutConfigError(ValueError):
     """An invalid ``actor_rollout_ref.rollout.*`` value, or an engine that cannot run here."""
 
 
+class ModelDivergedError(RuntimeError):
+    """The policy's weights or logits are no longer finite (training diverged): nothing sensible
+    can be sampled from, or exported of, it."""
+
+
 @dataclass
 class RolloutConfig:
     """Settings of the rollout engine (``actor_rollout_ref.rollout.*``)."""

@@ -18,7 +18,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from megatron_gad.rollout.base import RolloutConfig, RolloutEngine, RolloutOutput, TokenSpec, WeightBucket
+from megatron_gad.rollout.base import (
+    ModelDivergedError,
+    RolloutConfig,
+    RolloutEngine,
+    RolloutOutput,
+    TokenSpec,
+    WeightBucket,
+)
 
 
 class CPURolloutEngine(RolloutEngine):
@@ -122,6 +129,9 @@ class CPURolloutEngine(RolloutEngine):
 
     def _sample(self, logits: Tensor, greedy: bool, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """One step: (token [N], log-prob [N]) from float32 logits [N, V]."""
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelDivergedError("the rollout model produced inf/NaN logits: the policy has diverged "
+                                     "(learning rate too high?)")
         if greedy:
             token = logits.argmax(-1)
             return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)

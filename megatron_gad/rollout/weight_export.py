@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_gad.models import sharding
-from megatron_gad.rollout.base import WeightBucket
+from megatron_gad.rollout.base import ModelDivergedError, WeightBucket
 
 #: ``convert(global_megatron_name, full_tensor, hf_config, role) -> [(hf_name, tensor), ...]``
 Converter = Callable[[str, Tensor, Any, str], list[tuple[str, Tensor]]]
@@ -200,6 +200,13 @@ class WeightExporter:
         self.stats.seconds = time.perf_counter() - start
 
     def _emit(self, bucket: WeightBucket, size: int) -> WeightBucket:
+        finite = torch.stack([torch.isfinite(t).all() for _, t in bucket])
+        if not bool(finite.all()):  # one host sync per bucket
+            bad = [name for (name, _), ok in zip(bucket, finite.tolist()) if not ok]
+            raise ModelDivergedError(
+                f"{len(bad)} exported weight(s) hold inf/NaN, e.g. {', '.join(bad[:3])}: the model has "
+                "diverged (learning rate too high?)"
+            )
         self.stats.num_buckets += 1
         self.stats.num_tensors += len(bucket)
         self.stats.exported_bytes += size

@@ -152,9 +152,11 @@ def test_design_place_and_verl_place_of_ppo_batch_keys(tmp_path: Path) -> None:
     _fails("actor_rollout_ref.ppo_epochs must be >= 1, got 0", "actor_rollout_ref.ppo_epochs=0")
 
 
-def test_declared_but_unimplemented_options_are_refused() -> None:
-    _fails("algorithm.use_kl_in_reward=true is not implemented", "algorithm.use_kl_in_reward=true")
-    _fails("trainer.teacher_forced_validation=true is not implemented", "trainer.teacher_forced_validation=true")
+def test_kl_controller_settings_are_checked() -> None:
+    _fails("algorithm.kl_ctrl.kl_coef must be >= 0, got -0.1", "algorithm.kl_ctrl.kl_coef=-0.1")
+    _fails("algorithm.kl_ctrl.target_kl must be > 0, got 0.0", "algorithm.kl_ctrl.target_kl=0",
+           "algorithm.kl_ctrl.type=adaptive")
+    _fails("algorithm.kl_ctrl.horizon must be >= 1, got 0", "algorithm.kl_ctrl.horizon=0")
 
 
 def test_critic_mini_batch_must_align_with_the_actor_layout() -> None:

@@ -194,3 +194,20 @@ def test_logprob_agreement_metric() -> None:
     assert got == {"rollout/logprob_abs_diff_mean": pytest.approx(0.75 / 5), "rollout/logprob_abs_diff_max": 0.5}
     with pytest.raises(ValueError, match="shapes differ"):
         logprob_agreement(a, b[:, :2], m)
+
+
+def test_a_diverged_model_is_refused_not_sampled() -> None:
+    """inf/NaN logits (a diverged policy) raise ModelDivergedError instead of failing deep inside
+    sampling or, worse, producing tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gad.rollout.base import ModelDivergedError
+
+    model = AutoModelForCausalLM.from_config(hf_config(), dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    engine = engine_from(model, RolloutConfig(n=2, response_length=4))
+    ids, mask = prompts()
+    for greedy in (True, False):
+        with pytest.raises(ModelDivergedError, match="inf/NaN logits"):
+            engine.generate(ids, mask, greedy=greedy)

@@ -139,3 +139,24 @@ def test_bucket_size_bounds_peak_memory() -> None:
     # Four times the layers: the whole-model peak grows, the bucketed peak does not.
     assert runs[8, big]["stats"].peak_bytes > 2.5 * runs[2, big]["stats"].peak_bytes
     assert runs[8, small]["stats"].peak_bytes == runs[2, small]["stats"].peak_bytes
+
+
+def _export_with_a_nan(hf_config) -> str:
+    from megatron_gad.models.sharding import unwrap
+    from megatron_gad.rollout.base import ModelDivergedError
+    from megatron_gad.rollout.weight_export import WeightExporter
+
+    chunks = _build(hf_config)
+    with torch.no_grad():
+        unwrap(chunks[0]).decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")
+    try:
+        for _ in WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=1 << 30).buckets():
+            pass
+    except ModelDivergedError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_non_finite_weights_are_refused() -> None:
+    message = run_distributed(_export_with_a_nan, 1, args=(tiny_hf_config(),))[0]
+    assert message.startswith("1 exported weight(s) hold inf/NaN, e.g. model.layers.1.mlp.down_proj.weight"), message
