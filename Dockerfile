@@ -13,10 +13,15 @@ WORKDIR /opt/megatron_gad
 COPY setup.py README.md ./
 COPY megatron_gad ./megatron_gad
 # Keep the image's CUDA torch: the constraint file pins whatever version the base ships.
+# vLLM wheels pin their own torch release; installing one over the image's build would break
+# Transformer Engine and apex (compiled against it), so vLLM is installed under the same
+# constraint and skipped, with a notice, when no supported vLLM release matches the base image.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
  && pip install --no-cache-dir -c /tmp/constraints.txt -e ".[test]" \
- && if [ "$INSTALL_VLLM" = "1" ]; then pip install --no-cache-dir ".[vllm]" || \
-      echo "vLLM wheel does not match this base image's torch; the CPU-free rollout engine stays available" ; fi
+ && if [ "$INSTALL_VLLM" = "1" ]; then pip install --no-cache-dir -c /tmp/constraints.txt -e ".[vllm]" || \
+      echo "NOTICE: no vLLM release in the supported range matches this image's torch; rollouts use" \
+           "the built-in engine (actor_rollout_ref.rollout.name=cpu). Pick a BASE_IMAGE whose torch a" \
+           "supported vLLM pins, or set INSTALL_VLLM=0 to silence this." ; fi
 COPY examples ./examples
 COPY checkpoint_tools ./checkpoint_tools
 COPY benchmarks ./benchmarks

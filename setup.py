@@ -17,7 +17,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",
-        "transformers>=4.51",
+        "transformers>=4.56",  # from_config(dtype=...), config.dtype
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "einops",

@@ -39,7 +39,10 @@ def read_hf_config(directory: str) -> Any:
         raise ConversionError(f"directory {directory!r} does not exist")
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ConversionError(f"{directory!r} has no config.json")
-    config = AutoConfig.from_pretrained(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:  # malformed JSON, unknown model_type, ...
+        raise ConversionError(f"{os.path.join(directory, 'config.json')} cannot be read: {exc}") from None
     model_args_from_hf(config)
     return config
 
@@ -47,12 +50,14 @@ def read_hf_config(directory: str) -> Any:
 def locate_safetensors(hf_dir: str) -> dict[str, str]:
     """HF tensor name -> safetensors file path: from ``model.safetensors.index.json`` when present,
     else ``model.safetensors``, else every ``*.safetensors`` file (names must not repeat)."""
-    from safetensors import safe_open
 
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConversionError(f"{index} is not a safetensors index (a JSON object with weight_map): {exc!r}") from None
         for file in set(weight_map.values()):
             if not os.path.isfile(os.path.join(hf_dir, file)):
                 raise ConversionError(f"{INDEX_FILE} names {file!r}, which does not exist in {hf_dir!r}")
@@ -63,12 +68,22 @@ def locate_safetensors(hf_dir: str) -> dict[str, str]:
         raise ConversionError(f"{hf_dir!r} has no *.safetensors files")
     out: dict[str, str] = {}
     for path in files:
-        with safe_open(path, "pt") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 if name in out:
                     raise ConversionError(f"tensor {name!r} appears in both {out[name]!r} and {path!r}")
                 out[name] = path
     return out
+
+
+def _open_safetensors(path: str) -> Any:
+    """``safe_open(path)``; ConversionError naming the file when it is not a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise ConversionError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 class SafetensorsReader:
@@ -95,13 +110,11 @@ class SafetensorsReader:
         self.synthetic["score.weight"] = (torch.randn(1, norm.shape[0], generator=g) * std).to(norm.dtype)
 
     def _handle(self, name: str) -> Any:
-        from safetensors import safe_open
-
         if name not in self.files:
             raise hfm.MappingError(f"tensor {name!r} is missing from the HF checkpoint")
         path = self.files[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
+            self._handles[path] = _open_safetensors(path)
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:

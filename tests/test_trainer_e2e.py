@@ -93,7 +93,7 @@ def test_scenario_trains(assets, tmp_path, config: str, gad: bool, expected: tup
         for key, value in r.items():
             if key.endswith("_loss"):
                 assert value is not None and math.isfinite(value), f"{config}: {key}={value} at step {r['step']}"
-    assert rows[-1]["rollout/logprob_abs_diff_max"] < 1e-3  # engine and Megatron agree (fp32)
+    assert max(r["rollout/logprob_abs_diff_max"] for r in rows) < 1e-4  # engine and Megatron agree (fp32)
     if gad:
         assert "critic/d_acc" in rows[0] and rows[-1]["critic/teacher_value_mean"] is not None
 

@@ -232,13 +232,14 @@ def encode_prompts(tokenizer: Any, rows: Sequence[RawRow]) -> list[list[int]]:
         chunk = rows[start : start + _TEMPLATE_CHUNK]
         try:
             out.extend(_apply_template(tokenizer, [r.messages for r in chunk]))
-        except Exception:  # find the row that fails, and name it
+        except Exception as batch_exc:  # find the row that fails, and name it
             for r in chunk:
                 try:
                     _apply_template(tokenizer, [r.messages])
                 except Exception as exc:
                     raise DataError(f"{r.source}: the chat template failed: {exc}") from None
-            raise
+            raise DataError(f"{chunk[0].source} .. {chunk[-1].source}: the chat template failed on these rows "
+                            f"together but on none alone: {batch_exc}") from None
     return out
 
 

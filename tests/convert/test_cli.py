@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +92,21 @@ def test_hf_to_megatron_user_errors(hf_dir: str, tmp_path, capsys) -> None:
               "num_hidden_layers=2 is not divisible by PP=4", out)
     run_error(capsys, "hf_to_megatron", ["--hf-dir", hf_dir, "--out", out, "--init-score-head", "0.02"],
               "--init-score-head applies to --role critic only", out)
+    broken = shutil.copytree(hf_dir, str(tmp_path / "broken_config"))
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        f.write('{"model_type": "llama", ')
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", broken, "--out", out],
+              f"{os.path.join(broken, 'config.json')} cannot be read", out)
+    corrupt = shutil.copytree(hf_dir, str(tmp_path / "corrupt_weights"))
+    with open(os.path.join(corrupt, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", corrupt, "--out", out],
+              f"{os.path.join(corrupt, 'model.safetensors')} is not a readable safetensors file", out)
+    bad_index = shutil.copytree(hf_dir, str(tmp_path / "bad_index"))
+    with open(os.path.join(bad_index, "model.safetensors.index.json"), "w") as f:
+        f.write("[]")
+    run_error(capsys, "hf_to_megatron", ["--hf-dir", bad_index, "--out", out],
+              "model.safetensors.index.json is not a safetensors index", out)
     os.makedirs(out)
     assert load_tool("hf_to_megatron").main(["--hf-dir", hf_dir, "--out", out]) == 2
     assert "already exists" in capsys.readouterr().err and os.listdir(out) == []

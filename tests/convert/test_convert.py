@@ -33,9 +33,9 @@ def make_hf_dir(path: str, arch: str, tied: bool, role: str = "actor", layers: i
     """Save a random tiny ``arch`` model (CausalLM, or SequenceClassification(num_labels=1) for
     the critic) with ``save_pretrained`` into ``path``; returns ``path``."""
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
-                              Qwen2Config, Qwen3Config)
+                              MistralConfig, Qwen2Config, Qwen3Config)
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
     extra = {"head_dim": 24} if arch == "qwen3" else {}  # head_dim != hidden / heads
     config = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -106,7 +106,7 @@ def assert_bit_exact(src: str, dst: str) -> None:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-CASES = [("llama", True), ("qwen2", False), ("qwen3", True)]
+CASES = [(arch, tied) for arch in ("llama", "qwen2", "qwen3") for tied in (True, False)] + [("mistral", False)]
 
 
 @pytest.mark.parametrize("arch,tied", CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])

@@ -316,3 +316,32 @@ def test_counts_are_logged_once(tmp_path, tok, caplog):
     (record,) = caplog.records
     assert record.levelname == "WARNING"
     assert "2 rows read, 2 kept, truncated prompts: 1, truncated teacher responses: 2" in record.getMessage()
+
+
+def test_chat_template_failure_names_the_row(tmp_path, tok):
+    """A template that raises on one row's content reports that row, not a jinja traceback; a
+    template failing only on several rows together still gets one DataError naming them."""
+    strict = copy.deepcopy(tok)
+    strict.chat_template = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+        "{{ raise_exception('content is forbidden') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    path = write(tmp_path / "t.parquet", [{"prompt": msgs("1 + 2")}, {"prompt": msgs("forbidden")}])
+    with pytest.raises(DataError, match=r"t\.parquet row 1: the chat template failed: content is forbidden"):
+        PromptDataset(path, strict, cfg(path))
+
+    class BatchOnlyFailure:  # renders single conversations, refuses batches of several
+        chat_template = "x"
+
+        def apply_chat_template(self, conversations, **kw):
+            if len(conversations) > 1:
+                raise RuntimeError("batch refused")
+            return [[5]]
+
+    from megatron_gad.data.dataset import RawRow, encode_prompts
+
+    rows = [RawRow(f"u.parquet row {i}", msgs(t), None, None, None, {}) for i, t in enumerate("ab")]
+    assert encode_prompts(BatchOnlyFailure(), rows[:1]) == [[5]]
+    with pytest.raises(DataError, match=r"u\.parquet row 0 \.\. u\.parquet row 1: the chat template failed on "
+                                        r"these rows together but on none alone: batch refused"):
+        encode_prompts(BatchOnlyFailure(), rows)
