@@ -14,6 +14,7 @@ from torch import Tensor
 
 from megatron_gad.engine.batch import SequenceBatch
 from megatron_gad.losses import gae_advantages, grpo_advantages
+from megatron_gad.losses.advantages import StatsReduce
 from megatron_gad.models.critic import place_at_last_token
 
 ADV_ESTIMATORS = ("grpo", "gae")
@@ -62,14 +63,16 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
     token_penalty: Tensor | None = None,
+    reduce: StatsReduce | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Token advantages ``[N, R]`` (and returns for GAE) from sequence scores ``[N]``.
 
     ``grpo``: group-normalised scores broadcast over each row's valid response tokens.
     ``gae``: the score is the reward of the last valid response token; ``values`` ``[N, R]`` are
     required. ``token_penalty`` ``[N, R]`` (the in-reward KL penalty) is subtracted from the token
-    rewards on valid tokens; GRPO then normalises each row's total reward. Raises ValueError for
-    an unknown estimator or missing values.
+    rewards on valid tokens; GRPO then normalises each row's total reward. ``reduce`` sums GAE's
+    whitening statistics over the data-parallel ranks. Raises ValueError for an unknown estimator
+    or missing values.
     """
     mask = response_mask.to(scores.dtype)
     penalty = None if token_penalty is None else token_penalty.to(scores.dtype) * mask
@@ -83,7 +86,7 @@ def compute_advantages(
         rewards = place_at_last_token(scores, response_mask)
         if penalty is not None:
             rewards = rewards - penalty
-        return gae_advantages(rewards, values, mask, gamma, lam)
+        return gae_advantages(rewards, values, mask, gamma, lam, reduce=reduce)
     raise ValueError(f"adv_estimator {estimator!r} is not one of {', '.join(ADV_ESTIMATORS)}")
 
 

@@ -295,7 +295,7 @@ class Trainer:
         exp.advantages, exp.returns = compute_advantages(
             alg.adv_estimator, exp.scores, exp.group_index, exp.student.response_mask, values=exp.values,
             norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam,
-            token_penalty=self._reward_kl_penalty(exp, metrics),
+            token_penalty=self._reward_kl_penalty(exp, metrics), reduce=self.c.dp_sum,
         )
 
     def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float]) -> torch.Tensor | None:

@@ -1,11 +1,14 @@
 """Advantage estimators: GRPO (group-relative, outcome scores) and GAE (value critic).
 
 Pure torch, no Megatron import. Both run under ``torch.no_grad()``: advantages and returns are
-targets, never differentiated through. They are computed once per step on the whole batch (the
-driver holds it), so group statistics and whitening see every sequence.
+targets, never differentiated through. Each data-parallel rank computes them for its own rows:
+GRPO groups never span ranks (a prompt's n responses stay together), and GAE's whitening takes a
+``reduce`` that sums its statistics over the ranks, so both equal a whole-batch computation.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,24 +42,32 @@ def grpo_advantages(scores: Tensor, group_index: Tensor, norm_by_std: bool = Tru
     return centred.masked_fill(singleton, 0.0).to(scores.dtype)
 
 
+#: Sums a small statistics tensor over the ranks that share a batch (e.g. the data-parallel
+#: group) and returns it; None means this process holds the whole batch.
+StatsReduce = Callable[[Tensor], Tensor]
+
+
 @torch.no_grad()
-def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8, reduce: StatsReduce | None = None) -> Tensor:
     """Shift ``values`` ``[B, T]`` to mean 0 and scale to unit (unbiased) variance over ``mask``.
 
     Masked positions are returned as 0. With fewer than two valid tokens the variance is taken
-    as 0 (the centred values are then 0 anyway).
+    as 0 (the centred values are then 0 anyway). ``reduce`` sums the statistics over ranks that
+    each hold part of the batch, so the result equals whitening the whole batch in one process.
     """
+    reduce = reduce or (lambda t: t)
     mask = mask.to(values.dtype)
-    count = mask.sum()
-    mean = (values * mask).sum() / count.clamp(min=1.0)
+    total, count = reduce(torch.stack([(values * mask).sum(), mask.sum()]).double()).to(values.dtype)
+    mean = total / count.clamp(min=1.0)
     centred = (values - mean) * mask
-    var = centred.square().sum() / (count - 1.0).clamp(min=1.0)
+    squares = reduce(centred.square().sum().double().reshape(1)).to(values.dtype)[0]
+    var = squares / (count - 1.0).clamp(min=1.0)
     return centred * torch.rsqrt(var + eps)
 
 
 @torch.no_grad()
 def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float,
-                   lam: float, whiten: bool = True) -> tuple[Tensor, Tensor]:
+                   lam: float, whiten: bool = True, reduce: StatsReduce | None = None) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over response tokens; all tensors ``[B, T]``.
 
     delta_t = r_t + gamma V_{t'} - V_t and A_t = delta_t + gamma lam A_{t'}, where t' is the NEXT
@@ -64,7 +75,8 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     entirely: whatever rewards/values they hold, nothing propagates through them, so right padding
     (and holes) are handled. Returns ``(advantages, returns)``: returns = un-whitened A + V; with
     ``whiten`` (the verl convention, default) advantages are then whitened over the valid tokens
-    of the whole batch by ``masked_whiten``. Masked positions of both outputs are 0.
+    of the whole batch by ``masked_whiten`` (``reduce``: over every rank's part of the batch).
+    Masked positions of both outputs are 0.
     """
     mask = response_mask.to(values.dtype)
     rewards = token_rewards.to(values.dtype)
@@ -80,5 +92,5 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
         advantages[:, t] = m * candidate
     returns = (advantages + values) * mask
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
     return advantages, returns

@@ -141,3 +141,33 @@ def test_masked_whiten_ignores_masked_positions() -> None:
     valid = out[mask.bool()]
     assert abs(valid.mean()) < 1e-6 and abs(valid.std() - 1) < 1e-5
     assert out[0, 2] == 0 and out[1, 1] == 0
+
+
+def _whiten_my_half(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per rank of a DP=2 group: GAE over this rank's rows, whitened with global statistics."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def dp_sum(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return t
+
+    rank, half = ps.get_data_parallel_rank(), rewards.shape[0] // 2
+    rows = slice(rank * half, (rank + 1) * half)
+    return gae_advantages(rewards[rows], values[rows], mask[rows], 0.95, 0.7, reduce=dp_sum)[0]
+
+
+def test_gae_whitening_over_data_parallel_ranks_equals_the_whole_batch() -> None:
+    """Each DP rank holds half the rows (unequal token counts); with ``reduce`` the whitened
+    advantages equal the single-process ones, without it they would not."""
+    from megatron_gad.runtime.spawn import run_distributed
+
+    rewards, values, mask = gae_inputs(4, holes=True)
+    rewards, values, mask = rewards[:4], values[:4], mask[:4]
+    mask[0, 5:] = 0.0  # rank 0 holds fewer valid tokens than rank 1
+    whole, _ = gae_advantages(rewards, values, mask, 0.95, 0.7)
+    halves = run_distributed(_whiten_my_half, 2, args=(rewards, values, mask))
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=1e-12, atol=1e-12)
+    local, _ = gae_advantages(rewards[:2], values[:2], mask[:2], 0.95, 0.7)
+    assert (local - whole[:2]).abs().max() > 1e-3  # the test would catch rank-local whitening
