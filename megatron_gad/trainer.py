@@ -256,10 +256,14 @@ class Trainer:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         arr = self.cfg.actor_rollout_ref
         exp.old_log_probs, entropy = self.c.actor.compute_log_probs(exp.student, temperature)
-        mask = exp.student.response_mask.float()
-        metrics["actor/entropy_rollout"] = self.c.dp_mean(float((entropy * mask).sum() / mask.sum().clamp(min=1)))
         agreement = logprob_agreement(exp.rollout_log_probs, exp.old_log_probs, exp.student.response_mask)
-        metrics["rollout/logprob_abs_diff_mean"] = self.c.dp_mean(agreement["rollout/logprob_abs_diff_mean"])
+        mask = exp.student.response_mask.double()
+        diff = (exp.rollout_log_probs.double() - exp.old_log_probs.double()).abs()
+        # token-weighted means over the whole (DP-split) batch
+        totals = self.c.dp_sum(torch.stack([(entropy * mask).sum(), (diff * mask).sum(), mask.sum()]))
+        tokens = totals[2].clamp(min=1)
+        metrics["actor/entropy_rollout"] = float(totals[0] / tokens)
+        metrics["rollout/logprob_abs_diff_mean"] = float(totals[1] / tokens)
         metrics["rollout/logprob_abs_diff_max"] = self.c.dp_max(agreement["rollout/logprob_abs_diff_max"])
         if self.c.ref is not None:
             exp.ref_log_probs, _ = self.c.ref.compute_log_probs(
