@@ -334,7 +334,7 @@ class Trainer:
         batch = PolicyBatch(exp.student, exp.old_log_probs, exp.advantages, exp.ref_log_probs)
         mini = self._local_mini_batch("actor_rollout_ref.actor", None)
         return self.c.actor.update(batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
-                                   mini_batch_size=mini)
+                                   mini_batch_size=mini, shuffle_seed=self.step)
 
     def _step_stats(self, exp: Experience, actor_on: bool, warmup: bool, metrics: dict) -> dict[str, float]:
         lengths = exp.student.response_mask.float().sum(-1)

@@ -149,10 +149,13 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path) -> None:
-    # An adaptive in-reward KL coefficient is trainer state: the resumed run must restore it.
+    # An adaptive in-reward KL coefficient and the per-epoch row shuffle are trainer state: the
+    # resumed run must restore the one and reseed the other as the uninterrupted run does.
     steps = {"trainer.total_training_steps": 6, "trainer.save_freq": 2, "trainer.generator_warmup_steps": 1,
              "trainer.critic_warmup": 1, "algorithm.use_kl_in_reward": True, "algorithm.kl_ctrl.type": "adaptive",
-             "algorithm.kl_ctrl.horizon": 20}
+             "algorithm.kl_ctrl.horizon": 20, "actor_rollout_ref.actor.shuffle": True,
+             "actor_rollout_ref.ppo_epochs": 2, "actor_rollout_ref.ppo_mini_batch_size": 2,
+             "actor_rollout_ref.ppo_micro_batch_size_per_gpu": 2}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
     subprocess.run(_cli(overrides_for(assets, ref_dir, True, **steps)), check=True, env=env,

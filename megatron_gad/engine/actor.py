@@ -34,7 +34,6 @@ class ActorEngine(RoleEngine):
         super().__init__(chunks, config, optimizer)
         self.args = args
         self.settings = settings
-        self._updates = 0  # seeds the optional shuffle identically on every rank
 
     @classmethod
     def create(cls, config: Any, args: ModelArgs, settings: ActorConfig | None = None,
@@ -58,11 +57,14 @@ class ActorEngine(RoleEngine):
         both = self.infer(batch, collect, size, "log_prob_micro_batch_size_per_gpu", shape)
         return both[..., 0], both[..., 1]
 
-    def update(self, batch: PolicyBatch, *, temperature: float, mini_batch_size: int | None = None) -> dict[str, float]:
+    def update(self, batch: PolicyBatch, *, temperature: float, mini_batch_size: int | None = None,
+               shuffle_seed: int = 0) -> dict[str, float]:
         """``ppo_epochs`` passes of the policy loss over ``batch`` (this DP rank's rows), one
         optimizer step per mini-batch of ``mini_batch_size`` local rows (default: all of them,
         see :func:`engine.config.local_mini_batch_size`): mini-batch k is local rows
-        ``[k m, (k+1) m)`` on every DP rank (after a per-epoch row shuffle when ``shuffle``).
+        ``[k m, (k+1) m)`` on every DP rank (after a per-epoch row shuffle when ``shuffle``,
+        seeded by ``shuffle_seed`` and the epoch: pass the training step, so that a resumed run
+        shuffles as an uninterrupted one).
         Returns metrics averaged over
         mini-batches: ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
         ``actor/ppo_kl``, ``actor/entropy``, (``actor/kl_loss``), ``actor/grad_norm``, ``actor/lr``.
@@ -70,9 +72,8 @@ class ActorEngine(RoleEngine):
         self.require_optimizer()
         size = mini_batch_size or batch.rows
         results = []
-        self._updates += 1
         for epoch in range(self.settings.ppo_epochs):
-            rows = shuffled(batch, self._updates * 1000 + epoch) if self.settings.shuffle else batch
+            rows = shuffled(batch, shuffle_seed * 1000 + epoch) if self.settings.shuffle else batch
             for mini in split_rows(rows, size, "actor mini-batch size (local sequences)"):
                 results.append(self._policy_step(mini, temperature))
         return mean_metrics(results)
