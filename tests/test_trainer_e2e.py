@@ -148,33 +148,65 @@ def _comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path) -> None:
-    # An adaptive in-reward KL coefficient and the per-epoch row shuffle are trainer state: the
-    # resumed run must restore the one and reseed the other as the uninterrupted run does.
-    steps = {"trainer.total_training_steps": 6, "trainer.save_freq": 2, "trainer.generator_warmup_steps": 1,
-             "trainer.critic_warmup": 1, "algorithm.use_kl_in_reward": True, "algorithm.kl_ctrl.type": "adaptive",
-             "algorithm.kl_ctrl.horizon": 20, "actor_rollout_ref.actor.shuffle": True,
-             "actor_rollout_ref.ppo_epochs": 2, "actor_rollout_ref.ppo_mini_batch_size": 2,
-             "actor_rollout_ref.ppo_micro_batch_size_per_gpu": 2}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-    subprocess.run(_cli(overrides_for(assets, ref_dir, True, **steps)), check=True, env=env,
+# An adaptive in-reward KL coefficient and the per-epoch row shuffle are trainer state: a resumed
+# run must restore the one and reseed the other as the uninterrupted run does.
+RESUME_STEPS = {"trainer.total_training_steps": 6, "trainer.save_freq": 2, "trainer.generator_warmup_steps": 1,
+                "trainer.critic_warmup": 1, "algorithm.use_kl_in_reward": True, "algorithm.kl_ctrl.type": "adaptive",
+                "algorithm.kl_ctrl.horizon": 20, "actor_rollout_ref.actor.shuffle": True,
+                "actor_rollout_ref.ppo_epochs": 2, "actor_rollout_ref.ppo_mini_batch_size": 2,
+                "actor_rollout_ref.ppo_micro_batch_size_per_gpu": 2}
+_ENV_1_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory) -> list[dict]:
+    """Metrics of the uninterrupted reference run of the resume tests."""
+    out = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    subprocess.run(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), check=True, env=_ENV_1_THREAD,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
-    proc = subprocess.Popen(_cli(overrides_for(assets, cut_dir, True, **steps)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = os.path.join(cut_dir, "latest_checkpointed_iteration.txt")
+    return read_metrics(out)
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (polled every millisecond)."""
     deadline = time.monotonic() + 600
-    while not (os.path.exists(marker) and open(marker).read().strip() == "4"):
-        assert proc.poll() is None, "the run ended before its step-4 checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within 600 s"
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(_cli(overrides_for(assets, cut_dir, True, **steps)), check=True, env=env,
+
+
+def _resume_and_compare(assets, out: str, uninterrupted: list[dict]) -> None:
+    subprocess.run(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), check=True, env=_ENV_1_THREAD,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
-    ref, cut = read_metrics(ref_dir), read_metrics(cut_dir)
+    cut = read_metrics(out)
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
-    assert _comparable(cut) == _comparable(ref)
+    assert _comparable(cut) == _comparable(uninterrupted)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path, uninterrupted) -> None:
+    out = str(tmp_path / "cut")
+    proc = subprocess.Popen(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), env=_ENV_1_THREAD,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(out, "latest_checkpointed_iteration.txt")
+    _kill_when(proc, lambda: os.path.exists(marker) and open(marker).read().strip() == "4", "its step-4 checkpoint")
+    _resume_and_compare(assets, out, uninterrupted)
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(assets, tmp_path, uninterrupted) -> None:
+    """Killed while global_step_4 is being written: the marker still names step 2, the partial
+    directory is discarded, and the resumed run's metrics equal the uninterrupted run's."""
+    out = str(tmp_path / "cut")
+    proc = subprocess.Popen(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), env=_ENV_1_THREAD,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = os.path.join(out, "global_step_4.tmp")
+    _kill_when(proc, lambda: os.path.isdir(os.path.join(partial, "actor")), "its step-4 save")
+    assert os.path.isdir(partial) and not os.path.exists(os.path.join(out, "global_step_4")), "not killed mid-save"
+    assert open(os.path.join(out, "latest_checkpointed_iteration.txt")).read().strip() == "2"
+    _resume_and_compare(assets, out, uninterrupted)
+    assert not os.path.exists(partial)
 
 
 def _weights_after_setup(overrides: list[str], hf_dir: str) -> dict:
