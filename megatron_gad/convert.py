@@ -111,7 +111,8 @@ def _barrier() -> None:
 @contextlib.contextmanager
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a temporary directory ``<out>.tmp-<pid of rank 0>`` (collective); it becomes ``out``
-    when the block succeeds on every rank and is removed when it raises on rank 0."""
+    when the block succeeds on every rank and is removed by whichever rank the block raises on
+    (a failing rank's peers are typically blocked in a collective until torchrun kills them)."""
     check_output_free(out)
     pid = [os.getpid()]
     if dist.is_initialized():
@@ -126,8 +127,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
         if _rank() == 0:
             os.rename(tmp, out)
     except BaseException:
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
