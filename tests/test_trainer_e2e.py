@@ -126,16 +126,32 @@ def test_critic_warmup_leaves_the_actor_untouched(assets, tmp_path) -> None:
     assert moved_after, "the actor did not train after the critic warmup"
 
 
+LAYOUT_STEPS = {"trainer.total_training_steps": 2, "trainer.generator_warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(assets, tmp_path_factory) -> list[dict]:
+    out = str(tmp_path_factory.mktemp("tp1") / "run")
+    run_distributed(train, 1, args=("gad_gspo.yaml", overrides_for(assets, out, True, **LAYOUT_STEPS)), timeout_s=600)
+    return read_metrics(out)
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_parallel_layouts_run(assets, tmp_path, tp: int, pp: int) -> None:
+def test_parallel_layouts_reproduce_the_single_process_run(assets, tmp_path, single_process_run, tp: int,
+                                                           pp: int) -> None:
+    """The demo assets ship initial weights, so TP=2 and PP=2 runs start from the same model, draw
+    the same rollouts and must report the single-process run's metrics (an SFT step, then GAD)."""
     out = str(tmp_path / "run")
     extra = {"actor_rollout_ref.megatron.tensor_model_parallel_size": tp,
-             "actor_rollout_ref.megatron.pipeline_model_parallel_size": pp, "trainer.total_training_steps": 2}
+             "actor_rollout_ref.megatron.pipeline_model_parallel_size": pp, **LAYOUT_STEPS}
     run_distributed(train, 2, tp=tp, pp=pp, args=("gad_gspo.yaml", overrides_for(assets, out, True, **extra)),
                     timeout_s=600)
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(math.isfinite(r["critic/d_loss"]) and math.isfinite(r["actor/pg_loss"]) for r in rows)
+    rows, ref = _comparable(read_metrics(out)), _comparable(single_process_run)
+    assert [r["step"] for r in rows] == [1, 2] and "actor/sft_loss" in rows[0] and "actor/pg_loss" in rows[1]
+    for got, want in zip(rows, ref):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"TP={tp} PP={pp} step {got['step']}: {key}"
 
 
 def _cli(overrides: list[str]) -> list[str]:
@@ -346,17 +362,18 @@ def _run_cli_expecting_exit_2(overrides: list[str]) -> str:
 
 
 def test_non_finite_losses_skip_updates_and_stop_the_run(assets, tmp_path) -> None:
-    """An absurd critic learning rate blows the discriminator up in its first update: from then on
-    its scores and losses are non-finite, the critic and actor updates are skipped and counted,
+    """An absurd critic learning rate blows the discriminator up within its first updates: from
+    then on its scores and losses are non-finite, the critic and actor updates are skipped and counted,
     and the run stops with exit 2 after the configured number in a row, the tripping step logged."""
     out = str(tmp_path / "run")
     extra = {"critic.optim.lr": 1e30, "trainer.max_consecutive_nonfinite": 2, "trainer.total_training_steps": 5}
     last_line = _run_cli_expecting_exit_2(overrides_for(assets, out, True, **extra))
     assert last_line.startswith("error: 2 steps in a row had non-finite losses"), last_line
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["trainer/nonfinite_steps_in_row"] for r in rows] == [0.0, 1.0, 2.0]
-    assert [r["critic/update_skipped"] for r in rows] == [0.0, 1.0, 1.0]
+    finite_steps = len(rows) - 2  # the blown-up critic overflows within a step or two
+    assert 1 <= finite_steps <= 3 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["trainer/nonfinite_steps_in_row"] for r in rows] == [0.0] * finite_steps + [1.0, 2.0]
+    assert [r["critic/update_skipped"] for r in rows] == [0.0] * finite_steps + [1.0, 1.0]
 
 
 def test_diverged_actor_weights_stop_the_run_before_a_rollout(assets, tmp_path) -> None:

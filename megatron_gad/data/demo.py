@@ -1,5 +1,5 @@
 """Demo assets made locally: an addition task with a deterministic "teacher", a tiny tokenizer
-and tiny HF model configs, so GAD can be run end to end on a laptop without downloads.
+and tiny HF models, so GAD can be run end to end on a laptop without downloads.
 
 The task: prompts such as ``"What is 37 + 45?"`` (four phrasings), answered by the teacher
 program in one fixed style: ``"37 + 45 = 82. The answer is 82."``. Operands are drawn from
@@ -13,8 +13,13 @@ Layout written by :func:`generate_demo_assets` (``out_dir`` is replaced atomical
       train.parquet  val.parquet                    GAD data (with ``teacher_response``)
       train_standard.parquet  val_standard.parquet  the same prompts, no teacher (PPO / GSPO)
       tokenizer/        HF tokenizer dir (word level, one token per digit, chat template)
-      student/          config.json (Llama, tied embeddings) + tokenizer files
-      discriminator/    config.json (same architecture, ``num_labels=1``) + tokenizer files
+      student/          Llama causal LM (tied embeddings): config, seeded initial weights, tokenizer
+      discriminator/    the student's initial trunk plus a scalar ``score`` head (GAD initialises
+                        the discriminator from the generator), as ``LlamaForSequenceClassification``
+
+Shipping initial weights (instead of letting Megatron initialise the models) makes a demo run
+independent of the parallel layout: megatron-core seeds each pipeline stage differently, so a
+Megatron-initialised model at PP=2 is another model than at PP=1.
       manifest.json     written last; its presence marks a complete set
 
 Everything is a pure function of the seed: the same seed gives the same bytes.
@@ -37,7 +42,7 @@ import pyarrow.parquet as pq
 
 DEMO_DATA_SOURCE = "demo_arith"
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_SEED = 1
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -200,20 +205,26 @@ def train_tokenizer(corpus: list[str], out_dir: Path) -> int:
     return tok.get_vocab_size()
 
 
-def write_model_configs(
+def write_models(
     root: Path,
     tokenizer_dir: Path,
+    seed: int,
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
     intermediate_size: int = 384,
 ) -> None:
-    """Write tiny Llama configs for ``student/`` and ``discriminator/`` (plus tokenizer files).
+    """Write the tiny Llama ``student/`` and ``discriminator/`` (plus tokenizer files).
 
     Both use the vocabulary of the tokenizer in ``tokenizer_dir``, tied embeddings and
-    multi-head attention; the discriminator config adds ``num_labels=1`` (scalar head).
+    multi-head attention. The student's weights are transformers' initialisation under ``seed``
+    (fp32 safetensors); the discriminator is ``LlamaForSequenceClassification`` (``num_labels=1``)
+    holding the student's trunk and a ``score`` head drawn from N(0, initializer_range^2).
+    The global torch RNG is left as it was.
     """
-    from transformers import AutoTokenizer, LlamaConfig
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     common = dict(
@@ -230,13 +241,19 @@ def write_model_configs(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    for name, extra in (
-        ("student", {"architectures": ["LlamaForCausalLM"]}),
-        ("discriminator", {"architectures": ["LlamaForTokenClassification"], "num_labels": 1}),
-    ):
-        target = root / name
-        target.mkdir()
-        LlamaConfig(**common, **extra).save_pretrained(str(target))
+    student_config = LlamaConfig(**common, architectures=["LlamaForCausalLM"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = LlamaForCausalLM(student_config).float()
+        std = float(student_config.initializer_range)
+        score = torch.randn(1, hidden_size) * std
+    student_dir, disc_dir = root / "student", root / "discriminator"
+    student.save_pretrained(str(student_dir))
+    disc_dir.mkdir()
+    LlamaConfig(**common, architectures=["LlamaForSequenceClassification"], num_labels=1).save_pretrained(str(disc_dir))
+    trunk = {k: v.detach().clone().contiguous() for k, v in student.state_dict().items() if k.startswith("model.")}
+    save_file({**trunk, "score.weight": score}, str(disc_dir / "model.safetensors"), metadata={"format": "pt"})
+    for target in (student_dir, disc_dir):
         for f in sorted(tokenizer_dir.iterdir()):
             shutil.copyfile(f, target / f.name)
 
@@ -258,7 +275,7 @@ def _write_all(
         corpus += [r["prompt"][0]["content"] for r in rows] + [r["teacher_response"] for r in rows]
     assets.tokenizer_dir.mkdir()
     vocab_size = train_tokenizer(corpus, assets.tokenizer_dir)
-    write_model_configs(root, assets.tokenizer_dir)
+    write_models(root, assets.tokenizer_dir, seed)
     return {
         "format_version": FORMAT_VERSION,
         "seed": seed,

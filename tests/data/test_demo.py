@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from megatron_gad.data import demo as demo_mod
 from megatron_gad.data.demo import DemoAssets, demo_reward, ensure_demo_assets, generate_demo_assets
@@ -77,6 +78,24 @@ def test_tokenizer_and_model_configs(seed1, tok):
     assert AutoConfig.from_pretrained(str(seed1.discriminator_dir)).num_labels == 1
 
 
+def test_models_are_seeded_and_the_discriminator_starts_from_the_student(seed1, tmp_path):
+    """The student loads in transformers; the discriminator holds the student's trunk plus a
+    scalar head; the weights are a function of the seed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    student = load_file(str(seed1.student_dir / "model.safetensors"))
+    disc = load_file(str(seed1.discriminator_dir / "model.safetensors"))
+    assert set(disc) == set(student) | {"score.weight"} and "lm_head.weight" not in student
+    assert all(torch.equal(disc[k], v) for k, v in student.items())
+    assert disc["score.weight"].shape == (1, 128) and 0.01 < float(disc["score.weight"].std()) < 0.04
+    AutoModelForCausalLM.from_pretrained(str(seed1.student_dir))
+    other = ensure_demo_assets(tmp_path / "seed2", seed=2)
+    again = ensure_demo_assets(tmp_path / "seed1", seed=1)
+    assert (again.student_dir / "model.safetensors").read_bytes() == (seed1.student_dir / "model.safetensors").read_bytes()
+    assert (other.student_dir / "model.safetensors").read_bytes() != (seed1.student_dir / "model.safetensors").read_bytes()
+
+
 def test_demo_reward():
     assert demo_reward("demo_arith", "37 + 45 = 82. The answer is 82.", "82") == 1.0
     assert demo_reward("demo_arith", "The answer is 81. The answer is 82.", "82") == 1.0
@@ -105,7 +124,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo_mod, "write_model_configs", boom)
+    monkeypatch.setattr(demo_mod, "write_models", boom)
     with pytest.raises(KeyboardInterrupt):
         ensure_demo_assets(tmp_path / "assets")
     assert list(tmp_path.iterdir()) == []
