@@ -5,8 +5,8 @@ in one global order (pipeline stage 0's parameters first, each stage in ``named_
 order); for each one:
 
 1. the TP ranks of the owning pipeline stage all-gather its shards (``models.sharding``),
-2. the full tensor is cast to the inference dtype and broadcast over the pipeline group from its
-   owning stage, but only in pipeline groups that contain a destination rank,
+2. the full tensor is cast to the inference dtype and, at PP > 1, sent point to point from the
+   owning stage to the destination ranks of its pipeline group (nobody else receives it),
 3. destination ranks (``dst_ranks``, the ranks that feed an engine) convert it with
    ``models.hf_mapping.megatron_to_hf_tensors`` (QKV split per query group, fc1 -> gate/up, vocab
    padding removed, the tied output layer skipped) and append it to the current bucket; every
@@ -219,33 +219,36 @@ class WeightExporter:
     def _full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
         """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it.
 
-        Collective: TP all-gather on the owning stage, broadcast over pipeline groups that hold a
-        destination rank. Yields None on ranks that do not need the tensor.
+        Collective: TP all-gather on the owning stage, then, at PP > 1, a point-to-point send
+        from the owning stage's rank to each destination rank of this pipeline group (no other
+        rank receives anything). Yields None on ranks that do not need the tensor.
         """
         from megatron.core import parallel_state as ps
 
         from megatron_gad.runtime.distributed import device
 
         metas = self.metadata()
-        stage = ps.get_pipeline_model_parallel_rank()
+        me, stage = dist.get_rank(), ps.get_pipeline_model_parallel_rank()
         pp = ps.get_pipeline_model_parallel_world_size()
-        pp_group = ps.get_pipeline_model_parallel_group() if pp > 1 else None
-        pp_ranks = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
-        broadcast = pp > 1 and any(r in self.dst_ranks for r in pp_ranks)
+        pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else [me]
+        dsts = [r for r in pp_ranks if r in self.dst_ranks]
         local = sharding.full_tensors(self.chunk, skip=self._skip)
         dev = device()
         for meta in metas:
             full: Tensor | None = None
+            owner = pp_ranks[meta.stage]
             if meta.stage == stage:
                 name, gathered = next(local)
                 if name != meta.name:
                     raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
                 full = gathered.to(self.dtype)
                 self._note_alive(_nbytes(full))
-            if broadcast:
-                if full is None:
-                    full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
-                dist.broadcast(full, src=pp_ranks[meta.stage], group=pp_group)
+                for dst in dsts:
+                    if dst != me:
+                        dist.send(full.contiguous(), dst=dst)
+            elif me in dsts:
+                full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
+                dist.recv(full, src=owner)
             yield meta, full
 
 
