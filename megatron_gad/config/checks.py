@@ -123,6 +123,10 @@ def _algorithm_problems(cfg: TrainConfig) -> list[str]:
             f"actor_rollout_ref.actor.policy_loss={actor.policy_loss} with loss_agg_mode=seq-mean-token-sum "
             "makes the loss scale with response length (it explodes); use seq-mean-token-mean"
         )
+    repeat = cfg.critic.teacher_repeat
+    if repeat and rollout.n % repeat:
+        problems.append(f"critic.teacher_repeat={repeat} must divide actor_rollout_ref.rollout.n={rollout.n} "
+                        "(each prompt's rollouts are valued 0..teacher_repeat-1 in turn)")
     kl = cfg.algorithm.kl_ctrl
     for ok, key, expected, value in ((kl.kl_coef >= 0, "kl_coef", ">= 0", kl.kl_coef),
                                      (kl.target_kl > 0, "target_kl", "> 0", kl.target_kl),

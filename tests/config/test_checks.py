@@ -152,6 +152,11 @@ def test_design_place_and_verl_place_of_ppo_batch_keys(tmp_path: Path) -> None:
     _fails("actor_rollout_ref.ppo_epochs must be >= 1, got 0", "actor_rollout_ref.ppo_epochs=0")
 
 
+def test_teacher_repeat_must_divide_n() -> None:
+    _fails("critic.teacher_repeat=3 must divide actor_rollout_ref.rollout.n=4", "critic.teacher_repeat=3",
+           "actor_rollout_ref.rollout.n=4")
+
+
 def test_kl_controller_settings_are_checked() -> None:
     _fails("algorithm.kl_ctrl.kl_coef must be >= 0, got -0.1", "algorithm.kl_ctrl.kl_coef=-0.1")
     _fails("algorithm.kl_ctrl.target_kl must be > 0, got 0.0", "algorithm.kl_ctrl.target_kl=0",
