@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
     from megatron_gad.checkpoint import CheckpointError
     from megatron_gad.config import ConfigError, format_config, load_config
     from megatron_gad.data.dataset import DataError
+    from megatron_gad.runtime.cpu_shims import CpuShimError
     from megatron_gad.trainer import TrainingStopped, run
 
     try:
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
             print(format_config(cfg), flush=True)
         run(cfg)
     except (ConfigError, DataError, CheckpointError, CheckpointingException, FileNotFoundError, ValueError,
-            TimeoutError, TrainingStopped) as exc:
+            TimeoutError, TrainingStopped, CpuShimError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

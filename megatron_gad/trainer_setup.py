@@ -190,10 +190,39 @@ def _copy_params(dst: Any, src: Any) -> None:
             d.copy_(s)
 
 
-def build_engines(cfg: TrainConfig, mode: Mode, actor_hf: Any, info: ParallelInfo) -> Engines:
-    """Build the actor (and reference) and, in GAD mode or with GAE, the critic (collective)."""
+def _check_model_dir(path: str | None, key: str) -> str:
+    if not path:
+        raise ValueError(f"{key} is required")
+    if not os.path.isdir(path):
+        raise ValueError(f"{key}={path!r}: no such directory (a Hugging Face model directory is expected)")
+    return path
+
+
+def load_hf_config(path: str | None, key: str) -> Any:
+    """``AutoConfig`` of the model directory named by config key ``key``; ValueError naming the key
+    when it is missing or not a Hugging Face model directory (no download is ever attempted)."""
     from transformers import AutoConfig
 
+    path = _check_model_dir(path, key)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{key}={path!r} is not a Hugging Face model directory: {exc}") from None
+
+
+def load_tokenizer(path: str | None, key: str) -> Any:
+    """``AutoTokenizer`` of the directory named by config key ``key`` (ValueError naming it)."""
+    from transformers import AutoTokenizer
+
+    path = _check_model_dir(path, key)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{key}={path!r} holds no usable tokenizer: {exc}") from None
+
+
+def build_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: ParallelInfo) -> Engines:
+    """Build the actor (and reference) and, when ``critic_hf`` is given, the critic (collective)."""
     from megatron_gad.engine import ActorEngine, CriticEngine, CriticLossConfig
     from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
 
@@ -208,8 +237,7 @@ def build_engines(cfg: TrainConfig, mode: Mode, actor_hf: Any, info: ParallelInf
         ref = ActorEngine.create(ref_tf, model_args_from_hf(actor_hf), arr.actor)
         _copy_params(ref, actor)  # the reference is the initial policy
     critic = None
-    if mode is Mode.GAD or cfg.algorithm.adv_estimator == "gae":
-        critic_hf = AutoConfig.from_pretrained(cfg.critic.model.path)
+    if critic_hf is not None:
         c = cfg.critic
         settings = CriticLossConfig(ppo_epochs=c.ppo_epochs, cliprange_value=c.cliprange_value,
                                     loss_agg_mode=c.loss_agg_mode,
@@ -246,8 +274,6 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 def build_components(cfg: TrainConfig) -> Components:
     """Initialise the process groups and build data, engines, rollout and exporter (collective)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from megatron_gad.data.dataset import build_loaders
     from megatron_gad.rollout.base import TokenSpec, make_rollout_engine
     from megatron_gad.rollout.weight_export import WeightExporter
@@ -263,12 +289,15 @@ def build_components(cfg: TrainConfig) -> Components:
     validate_config(cfg, world_size=info.world_size)
     model = cfg.actor_rollout_ref.model
     tokenizer_dir = model.tokenizer_path or model.path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, "actor_rollout_ref.model.tokenizer_path" if model.tokenizer_path
+                               else "actor_rollout_ref.model.path")
     train_loader, val_loader = build_loaders(cfg.data, tokenizer)
     mode = train_loader.mode
     check_mode(cfg, mode)
-    actor_hf = AutoConfig.from_pretrained(model.path)
-    engines = build_engines(cfg, mode, actor_hf, info)
+    actor_hf = load_hf_config(model.path, "actor_rollout_ref.model.path")
+    needs_critic = mode is Mode.GAD or cfg.algorithm.adv_estimator == "gae"
+    critic_hf = load_hf_config(cfg.critic.model.path, "critic.model.path") if needs_critic else None
+    engines = build_engines(cfg, actor_hf, critic_hf, info)
     rollout = None
     if _is_rollout_rank(info):
         rollout = make_rollout_engine(cfg.actor_rollout_ref.rollout, actor_hf, TokenSpec.from_tokenizer(tokenizer))

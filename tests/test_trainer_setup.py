@@ -42,3 +42,23 @@ def test_mode_checks() -> None:
     with pytest.raises(ValueError, match="need GAD data"):
         check_mode(cfg, Mode.STANDARD)
     check_mode(cfg, Mode.GAD)
+
+
+def test_model_and_tokenizer_directories_are_checked_by_key(tmp_path) -> None:
+    """A missing or non-HF directory names its config key (never a hub lookup or a traceback)."""
+    from transformers import LlamaConfig
+
+    from megatron_gad.trainer_setup import load_hf_config, load_tokenizer
+
+    with pytest.raises(ValueError, match=r"^critic.model.path is required$"):
+        load_hf_config(None, "critic.model.path")
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.model.path='/no/such/dir': no such directory"):
+        load_hf_config("/no/such/dir", "actor_rollout_ref.model.path")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"critic.model.path='.*empty' is not a Hugging Face model directory"):
+        load_hf_config(str(empty), "critic.model.path")
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.model.tokenizer_path='.*empty' holds no usable tokenizer"):
+        load_tokenizer(str(empty), "actor_rollout_ref.model.tokenizer_path")
+    LlamaConfig(num_hidden_layers=1).save_pretrained(str(tmp_path / "ok"))
+    assert load_hf_config(str(tmp_path / "ok"), "critic.model.path").num_hidden_layers == 1
