@@ -13,8 +13,10 @@ order); for each one:
    other rank drops it at once.
 
 Buckets of about ``bucket_bytes`` are yielded as lists of ``(hf_name, tensor)`` on destination
-ranks only. At most one bucket plus the tensor in flight is alive on any rank (tracked in
-:attr:`WeightExporter.stats`), never the whole model. Model-parallel groups without a destination
+ranks only. At most one bucket plus the tensor in flight is alive on a destination rank (tracked
+in :attr:`WeightExporter.stats`), and a sending stage keeps at most about one bucket of sends in
+flight, never the whole model. Non-finite weights raise ModelDivergedError on every rank of the
+model-parallel group once the export has run through. Model-parallel groups without a destination
 rank (other DP replicas) do no communication at all.
 """
 
@@ -182,8 +184,14 @@ class WeightExporter:
         keep = dist.get_rank() in self.dst_ranks
         bucket: WeightBucket = []
         size = 0
-        for meta, full in self._full_tensors():
-            if full is None or not keep:
+        metas = self.metadata()
+        # index of the first non-finite tensor held here (len(metas): none), kept on the device
+        first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
+        for index, (meta, full) in enumerate(self._full_tensors()):
+            if full is None:
+                continue
+            torch.minimum(first_bad, torch.where(torch.isfinite(full).all(), len(metas), index), out=first_bad)
+            if not keep:
                 continue
             hf = [(n, _owned(t)) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
             out_bytes = sum(_nbytes(t) for _, t in hf)
@@ -198,15 +206,24 @@ class WeightExporter:
         if bucket:
             yield self._emit(bucket, size)
         self.stats.seconds = time.perf_counter() - start
+        self._check_finite(first_bad, metas)
+
+    @staticmethod
+    def _check_finite(first_bad: Tensor, metas: list[ParamMeta]) -> None:
+        """Raise ModelDivergedError on every rank of the model-parallel group when any of its
+        ranks held a non-finite weight (one all-reduce and one host sync per export), so that no
+        rank is left waiting in a collective for a peer that stopped."""
+        from megatron.core import parallel_state as ps
+
+        found = first_bad.clone()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MIN, group=ps.get_model_parallel_group())
+        index = int(found)
+        if index < len(metas):
+            raise ModelDivergedError(f"exported weights hold inf/NaN (first: {metas[index].name}): the model has "
+                                     "diverged (learning rate too high?)")
 
     def _emit(self, bucket: WeightBucket, size: int) -> WeightBucket:
-        finite = torch.stack([torch.isfinite(t).all() for _, t in bucket])
-        if not bool(finite.all()):  # one host sync per bucket
-            bad = [name for (name, _), ok in zip(bucket, finite.tolist()) if not ok]
-            raise ModelDivergedError(
-                f"{len(bad)} exported weight(s) hold inf/NaN, e.g. {', '.join(bad[:3])}: the model has "
-                "diverged (learning rate too high?)"
-            )
         self.stats.num_buckets += 1
         self.stats.num_tensors += len(bucket)
         self.stats.exported_bytes += size
@@ -234,6 +251,8 @@ class WeightExporter:
         dsts = [r for r in pp_ranks if r in self.dst_ranks]
         local = sharding.full_tensors(self.chunk, skip=self._skip)
         dev = device()
+        sends: list[tuple[Any, Tensor]] = []  # in flight: (work, tensor kept alive until done)
+        in_flight = 0
         for meta in metas:
             full: Tensor | None = None
             owner = pp_ranks[meta.stage]
@@ -241,15 +260,36 @@ class WeightExporter:
                 name, gathered = next(local)
                 if name != meta.name:
                     raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
-                full = gathered.to(self.dtype)
+                full = gathered.to(self.dtype).contiguous()
                 self._note_alive(_nbytes(full))
                 for dst in dsts:
                     if dst != me:
-                        dist.send(full.contiguous(), dst=dst)
+                        sends.append((dist.isend(full, dst=dst), full))
+                        in_flight += _nbytes(full)
+                if in_flight >= self.bucket_bytes:  # bound what a sender runs ahead of its receivers
+                    _wait_all(sends)
+                    in_flight = 0
             elif me in dsts:
                 full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
                 dist.recv(full, src=owner)
             yield meta, full
+        _wait_all(sends)
+
+
+def _device() -> torch.device:
+    from megatron_gad.runtime.distributed import device
+
+    return device()
+
+
+def _wait_all(sends: list[tuple[Any, Tensor]]) -> None:
+    """Complete the sends in flight (on a GPU the host also waits for the stream, so the tensors
+    they read can be freed) and forget them."""
+    for work, _ in sends:
+        work.wait()
+    if sends and torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
+    sends.clear()
 
 
 def sync_weights(exporter: WeightExporter, engine: Any | None) -> ExportStats:
