@@ -155,6 +155,9 @@ class Trainer:
         """Write the trained actor as a Hugging Face directory (collective)."""
         from megatron_gad.export import export_hf_from_chunks
 
+        finite = all(bool(torch.isfinite(p).all()) for p in self.c.actor.chunks[0].parameters())
+        self._stop_together(None if finite else ModelDivergedError("the actor's weights hold inf/NaN"),
+                            "before the HF export")
         dtype = self.c.actor.config.params_dtype
         export_hf_from_chunks(self.c.actor.chunks, self.c.actor_hf_config, out_dir, self.c.tokenizer_dir, dtype=dtype)
         self._log0(f"exported the actor to {out_dir}")
@@ -164,6 +167,7 @@ class Trainer:
         """Run one step on this rank's slice of the prompt batch; return the step's metrics."""
         cfg, timer = self.cfg, Timer()
         metrics: dict[str, float] = {}
+        diverged = None
         try:
             with timer("weight_sync"):
                 self._sync_weights()
@@ -172,14 +176,15 @@ class Trainer:
                 exp = self._rollout(rows)
                 self._release_rollout()
         except ModelDivergedError as exc:
-            raise TrainingStopped(f"stopping at step {self.step + 1}: {exc}") from exc
+            diverged = exc
+        self._stop_together(diverged, f"at step {self.step + 1}")
+        generator_warmup, actor_on = self.phase(self.step)
         with timer("old_log_prob"):
             self._recompute_log_probs(exp, metrics)
         with timer("score"):
             self._score(exp, rows, metrics)
         with timer("advantages"):
-            self._advantages(exp, metrics)
-        generator_warmup, actor_on = self.phase(self.step)
+            self._advantages(exp, metrics, adapt_kl=actor_on)
         self._set_learning_rates(generator_warmup)
         with timer("critic_update"):
             metrics.update(self._update_critic(exp))
@@ -240,14 +245,22 @@ class Trainer:
         self.weights_stale = False
 
     def _rollout(self, rows: PromptBatch, greedy: bool = False) -> Experience:
-        out = None
+        """Responses to ``rows`` from this replica's engine, shared with its model-parallel peers.
+        A diverged policy raises ModelDivergedError on every rank of the replica."""
+        out: Any = None
         if self.c.rollout is not None:
             seed = self.cfg.trainer.seed * 1_000_003 + self.step * 101 + self.c.info.dp_rank
-            out = self.c.rollout.generate(rows.input_ids[:: self.c.rollout_n] if not greedy else rows.input_ids,
-                                          rows.attention_mask[:: self.c.rollout_n] if not greedy else rows.attention_mask,
-                                          n=1 if greedy else self.c.rollout_n, greedy=greedy, seed=seed)
-            out = (out.responses, out.response_mask, out.rollout_log_probs)
+            try:
+                gen = self.c.rollout.generate(rows.input_ids[:: self.c.rollout_n] if not greedy else rows.input_ids,
+                                              rows.attention_mask[:: self.c.rollout_n] if not greedy
+                                              else rows.attention_mask,
+                                              n=1 if greedy else self.c.rollout_n, greedy=greedy, seed=seed)
+                out = (gen.responses, gen.response_mask, gen.rollout_log_probs)
+            except ModelDivergedError as exc:  # the peers wait for this rank's broadcast: send them the error
+                out = exc
         out = self.c.share_from_rollout_rank(out)
+        if isinstance(out, ModelDivergedError):
+            raise out
         student = join(rows.input_ids, rows.attention_mask, out[0], out[1])
         teacher = teacher_sequences(rows) if self.c.mode is Mode.GAD else None
         return Experience(student=student, group_index=rows.group_index, teacher=teacher, rollout_log_probs=out[2])
@@ -294,17 +307,18 @@ class Trainer:
         if self.cfg.algorithm.adv_estimator == "gae":
             exp.values = self.c.critic.compute_values(exp.student)
 
-    def _advantages(self, exp: Experience, metrics: dict[str, float]) -> None:
+    def _advantages(self, exp: Experience, metrics: dict[str, float], adapt_kl: bool) -> None:
         alg = self.cfg.algorithm
         exp.advantages, exp.returns = compute_advantages(
             alg.adv_estimator, exp.scores, exp.group_index, exp.student.response_mask, values=exp.values,
             norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam,
-            token_penalty=self._reward_kl_penalty(exp, metrics), reduce=self.c.dp_sum,
+            token_penalty=self._reward_kl_penalty(exp, metrics, adapt_kl), reduce=self.c.dp_sum,
         )
 
-    def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float]) -> torch.Tensor | None:
+    def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float], adapt: bool) -> torch.Tensor | None:
         """``algorithm.use_kl_in_reward``: the per-token penalty ``coef * KL(actor || ref)`` on the
-        rollout's tokens (old log-probs against the reference); adapts the coefficient."""
+        rollout's tokens (old log-probs against the reference). With ``adapt`` (steps whose
+        advantages train the actor, not the warmups) the adaptive coefficient follows the KL."""
         alg = self.cfg.algorithm
         if not alg.use_kl_in_reward:
             return None
@@ -314,7 +328,8 @@ class Trainer:
         penalty = self.kl_ctrl.coef * kl
         metrics["actor/reward_kl_penalty"] = mean_kl
         metrics["actor/reward_kl_penalty_coeff"] = self.kl_ctrl.coef
-        self.kl_ctrl.update(mean_kl, exp.student.rows * self.c.info.dp)
+        if adapt:
+            self.kl_ctrl.update(mean_kl, exp.student.rows * self.c.info.dp)
         return penalty
 
     def _update_critic(self, exp: Experience) -> dict[str, float]:
@@ -367,25 +382,32 @@ class Trainer:
         response tokens reproduced (``val/teacher_token_agreement``) and, with
         ``trainer.teacher_forced_validation``, the actor's mean log-probability per teacher
         response token (``val/teacher_log_prob``, temperature 1)."""
-        if self.weights_stale:
-            self._sync_weights()
-        elif self.c.rollout is not None:
-            self.c.rollout.wake()
         # reward, exact, matched tokens, teacher tokens, rows, teacher log-prob sum
         sums = torch.zeros(6, dtype=torch.float64)
-        for batch in self.c.val_loader.batches():
-            exp = self._rollout(batch, greedy=True)
-            texts = self.c.decode(exp.student.responses, exp.student.response_mask)
-            if self.reward_fn is not None:
-                sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
-                                                 extra_infos(batch)).sum())
-            if batch.teacher_response is not None:
-                sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
-                sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
-                if self.cfg.trainer.teacher_forced_validation:
-                    sums[5] += self._teacher_log_prob_sum(batch)
-            sums[4] += len(texts)
+        teacher_batches: list[PromptBatch] = []
+        diverged = None
+        try:
+            if self.weights_stale:
+                self._sync_weights()
+            elif self.c.rollout is not None:
+                self.c.rollout.wake()
+            for batch in self.c.val_loader.batches():
+                exp = self._rollout(batch, greedy=True)
+                texts = self.c.decode(exp.student.responses, exp.student.response_mask)
+                if self.reward_fn is not None:
+                    sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
+                                                     extra_infos(batch)).sum())
+                if batch.teacher_response is not None:
+                    sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
+                    sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
+                    teacher_batches.append(batch)
+                sums[4] += len(texts)
+        except ModelDivergedError as exc:
+            diverged = exc
         self._release_rollout()
+        self._stop_together(diverged, f"validating after step {self.step}")
+        if self.cfg.trainer.teacher_forced_validation:  # Megatron passes, with the engine asleep
+            sums[5] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
         totals = self.c.dp_sum(sums)
         out = {}
         if self.c.mode is Mode.GAD:
@@ -397,6 +419,17 @@ class Trainer:
             out["val/reward"] = float(totals[0] / totals[4])
         return out
 
+
+    def _stop_together(self, diverged: ModelDivergedError | None, when: str) -> None:
+        """Collective over every rank: when any rank found the policy diverged, all of them raise
+        TrainingStopped (none is left waiting in a collective for a peer that stopped)."""
+        from megatron_gad.runtime.distributed import device
+
+        flag = torch.tensor([0.0 if diverged is None else 1.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if float(flag[0]):
+            detail = str(diverged) if diverged is not None else "another rank found the policy diverged (inf/NaN)"
+            raise TrainingStopped(f"stopping {when}: {detail}") from diverged
 
     def _teacher_log_prob_sum(self, batch: PromptBatch) -> float:
         """Sum of the actor's log-probs (temperature 1) of the teacher response tokens of ``batch``

@@ -388,3 +388,31 @@ def test_diverged_actor_weights_stop_the_run_before_a_rollout(assets, tmp_path) 
     found = re.match(r"error: stopping at step (\d+): .*inf/NaN.*diverged", last_line)
     assert found and int(found.group(1)) in (2, 3), last_line
     assert [r["step"] for r in read_metrics(out)] == list(range(1, int(found.group(1))))
+    # the same when the divergence is first met by the validation that follows a step
+    extra["trainer.test_freq"] = 1
+    last_line = _run_cli_expecting_exit_2(overrides_for(assets, str(tmp_path / "val"), True, **extra))
+    assert re.match(r"error: stopping validating after step [12]: .*inf/NaN.*diverged", last_line), last_line
+
+
+def _train_until_stopped(overrides: list[str]) -> str:
+    """Per rank: train; return the TrainingStopped message (every rank must get one)."""
+    from megatron_gad.trainer import TrainingStopped
+
+    try:
+        train("gad_gspo.yaml", overrides)
+    except TrainingStopped as exc:
+        return str(exc)
+    return "not stopped"
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_divergence_stops_every_rank_of_a_parallel_run(assets, tmp_path, tp: int, pp: int) -> None:
+    """Only some ranks see the bad weights or logits; all of them must stop (none left blocked in
+    a collective), with the same step."""
+    extra = {"actor_rollout_ref.megatron.tensor_model_parallel_size": tp,
+             "actor_rollout_ref.megatron.pipeline_model_parallel_size": pp, "trainer.generator_warmup_steps": 3,
+             "trainer.generator_warmup_lr": 1e30}
+    messages = run_distributed(_train_until_stopped, 2, tp=tp, pp=pp,
+                               args=(overrides_for(assets, str(tmp_path / "run"), True, **extra),), timeout_s=300)
+    steps = {m.split(":")[0] for m in messages}
+    assert len(steps) == 1 and steps.pop().startswith("stopping at step "), messages

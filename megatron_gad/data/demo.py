@@ -16,11 +16,11 @@ Layout written by :func:`generate_demo_assets` (``out_dir`` is replaced atomical
       student/          Llama causal LM (tied embeddings): config, seeded initial weights, tokenizer
       discriminator/    the student's initial trunk plus a scalar ``score`` head (GAD initialises
                         the discriminator from the generator), as ``LlamaForSequenceClassification``
+      manifest.json     written last; its presence marks a complete set
 
 Shipping initial weights (instead of letting Megatron initialise the models) makes a demo run
 independent of the parallel layout: megatron-core seeds each pipeline stage differently, so a
 Megatron-initialised model at PP=2 is another model than at PP=1.
-      manifest.json     written last; its presence marks a complete set
 
 Everything is a pure function of the seed: the same seed gives the same bytes.
 """
