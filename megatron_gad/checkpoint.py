@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_gad.errors import UserError
 from megatron_gad.models.sharding import unwrap
 
 
@@ -48,7 +49,7 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 _STEP_DIR = "global_step_{}"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 

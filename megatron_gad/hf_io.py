@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_gad.errors import UserError
 from megatron_gad.models import hf_mapping as hfm
 from megatron_gad.models.transformer import model_args_from_hf
 
@@ -26,7 +27,7 @@ AUX_FILES = (
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A user-caused problem with a conversion's inputs or outputs (the CLIs exit 2 on it)."""
 
 

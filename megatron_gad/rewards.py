@@ -20,10 +20,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from megatron_gad.errors import UserError
+
 RewardFn = Callable[[str, str, Any, "dict | None"], float]
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(UserError, ValueError):
     """The configured reward function cannot be loaded or returned a bad value."""
 
 

@@ -22,12 +22,14 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_gad.errors import UserError
+
 _NONE_STRINGS = ("null", "none", "~")
 _TRUE_STRINGS = ("true", "yes", "on", "1")
 _FALSE_STRINGS = ("false", "no", "off", "0")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-caused configuration problem; the message names the dotted key and what is valid."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from megatron_gad.data.batch import Mode, PromptBatch, PromptLoader, TokenizedRow, collate_rows
 from megatron_gad.data.config import DataConfig
+from megatron_gad.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _MAX_LISTED_ROWS = 5
 _TEMPLATE_CHUNK = 1024
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-caused data problem; the message names the file (and row) and what was expected."""
 
 

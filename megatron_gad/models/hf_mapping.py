@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from megatron_gad.errors import UserError
 from megatron_gad.models.transformer import model_args_from_hf, use_transformer_engine
 
 ROLES = ("actor", "critic")
@@ -55,7 +56,7 @@ _TE_NORMS = {
 }
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     """A tensor name, shape or key set that does not fit the model's mapping."""
 
 

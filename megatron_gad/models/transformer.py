@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_gad.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: Padded vocab = ceil(vocab / 128) * 128 at every TP size (TP must divide 128).
@@ -24,7 +26,7 @@ VOCAB_PAD_MULTIPLE = 128
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The Hugging Face config describes a model this package cannot build."""
 
 

@@ -20,13 +20,15 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from megatron_gad.errors import UserError
+
 #: One bucket of exported weights: HF parameter names and full tensors in the inference dtype.
 WeightBucket = list[tuple[str, Tensor]]
 
 ENGINE_NAMES = ("auto", "cpu", "vllm")
 
 
-class RolloutConfigError(ValueError):
+class RolloutConfigError(UserError, ValueError):
     """An invalid ``actor_rollout_ref.rollout.*`` value, or an engine that cannot run here."""
 
 
