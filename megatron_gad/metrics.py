@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from megatron_gad.io import atomic_write_text
+
 #: Metrics shown on the progress bar and the console line, in this order, when present.
 KEY_METRICS: tuple[str, ...] = (
     "critic/d_loss",
@@ -98,12 +100,7 @@ def truncate_jsonl(path: str, resume_step: int) -> int:
                 continue  # a line torn by a kill mid-write
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < resume_step:
                 kept.append(json.dumps(record) + "\n")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as dst:
-        dst.writelines(kept)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
     return len(kept)
 
 

@@ -40,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megatron_gad.io import replace_dir
+
 DEMO_DATA_SOURCE = "demo_arith"
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
@@ -319,19 +321,15 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     A non-empty ``out`` that is not a demo set is never deleted (ValueError). When another
     process renamed its complete set into ``out`` first, that set is kept and ``tmp`` dropped.
     """
-    old = None
-    if out.exists():
-        if read_manifest(out) is None and any(out.iterdir()):
-            raise ValueError(f"{out} exists and is not a demo asset directory; refusing to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
+    if out.exists() and read_manifest(out) is None and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a demo asset directory; refusing to replace it")
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        os.replace(tmp, out)
+        replace_dir(tmp, out, aside)
     except OSError:
         if read_manifest(out) is None:
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
