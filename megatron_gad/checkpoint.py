@@ -154,12 +154,16 @@ def load_training_checkpoint(path: str, roles: dict[str, tuple]) -> dict:
     import json
 
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     for name, (chunks, optimizer) in roles.items():
         role_dir = os.path.join(path, name)
         if not os.path.isdir(role_dir):
             raise CheckpointError(f"checkpoint {path} has no state for role {name!r}")
-        state = dist_checkpointing.load(_role_state(chunks, optimizer, loading=True), role_dir)
+        try:
+            state = dist_checkpointing.load(_role_state(chunks, optimizer, loading=True), role_dir)
+        except CheckpointingException as exc:  # saved by another model or layout of tensors
+            raise CheckpointError(f"checkpoint {role_dir} does not match this run's {name}: {exc}") from None
         unwrap(chunks[0]).load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
