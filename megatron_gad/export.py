@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_gad.convert import atomic_output_dir
 from megatron_gad.hf_io import ShardWriter, copy_aux_files, finish_shards, hf_output_config
 from megatron_gad.io import remove_dir, replace_dir
+from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES
 from megatron_gad.rollout.weight_export import WeightExporter
 
 
@@ -43,7 +44,7 @@ def export_hf_from_chunks(
         remove_dir(staging)
     dist.barrier()
     exporter = WeightExporter(chunks, hf_config, dtype=dtype, dst_ranks=(0,), role=role,
-                              bucket_bytes=min(max_shard_bytes, 512 * 2**20))
+                              bucket_bytes=min(max_shard_bytes, DEFAULT_BUCKET_BYTES))
     with atomic_output_dir(staging) as tmp:
         writer = ShardWriter(tmp, "part", max_shard_bytes)
         for bucket in exporter.buckets():

@@ -118,11 +118,6 @@ def _model_problems(role: str, model_path: str, layout: MegatronConfig) -> list[
 def _algorithm_problems(cfg: TrainConfig) -> list[str]:
     actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
     problems = []
-    if actor.policy_loss in ("gspo", "gspo_token") and actor.loss_agg_mode == "seq-mean-token-sum":
-        problems.append(
-            f"actor_rollout_ref.actor.policy_loss={actor.policy_loss} with loss_agg_mode=seq-mean-token-sum "
-            "makes the loss scale with response length (it explodes); use seq-mean-token-mean"
-        )
     repeat = cfg.critic.teacher_repeat
     if repeat and rollout.n % repeat:
         problems.append(f"critic.teacher_repeat={repeat} must divide actor_rollout_ref.rollout.n={rollout.n} "

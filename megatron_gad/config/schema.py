@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_gad.data.config import DataConfig
-from megatron_gad.engine.config import ActorConfig, CriticLossConfig
+from megatron_gad.engine.config import ActorConfig, CriticLossConfig, choices
 from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.rollout.base import RolloutConfig
@@ -29,11 +29,6 @@ LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
 
 #: The keys seed.md places directly under ``actor_rollout_ref`` that verl keeps in ``actor``.
 ACTOR_KEYS_AT_TOP: tuple[str, ...] = ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "ppo_epochs")
-
-
-def choices(options: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Field metadata restricting a str (or list[str]) field to ``options``."""
-    return {"choices": options}
 
 
 @dataclass

@@ -47,6 +47,16 @@ def check_choice(what: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid values: {', '.join(valid)}")
 
 
+def check_policy_aggregation(mode: str, loss_agg_mode: str, where: str = "") -> None:
+    """Raise ``ValueError`` for a GSPO mode with ``seq-mean-token-sum``: that aggregation
+    multiplies each sequence loss by its length (the "exploding GSPO loss"). ``where``: the config
+    section the two keys sit in, for the message."""
+    if mode != "ppo" and loss_agg_mode == "seq-mean-token-sum":
+        at = f"{where}." if where else ""
+        raise ValueError(f"{at}loss_agg_mode=seq-mean-token-sum is invalid with {at}policy_loss={mode} "
+                         "(it scales each sequence loss by its length); use seq-mean-token-mean")
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over the positions where ``mask`` is set (any matching shape).
 
@@ -104,12 +114,6 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, normalizer: Normalizer =
         numerator = per_seq.sum()
     local = agg_normalizer(mask, mode)
     return numerator / _denominator(local, normalizer, loss_mat)
-
-
-def entropy_loss(entropy: Tensor, mask: Tensor, loss_agg_mode: str,
-                 normalizer: Normalizer = None) -> Tensor:
-    """Aggregate per-token ``entropy`` ``[B, T]`` exactly like ``agg_loss`` (same modes/normaliser)."""
-    return agg_loss(entropy, mask, loss_agg_mode, normalizer)
 
 
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, kind: str) -> Tensor:
@@ -211,10 +215,7 @@ def policy_loss(mode: str, log_prob: Tensor, old_log_prob: Tensor, advantages: T
     """
     check_choice("policy loss mode", mode, POLICY_LOSS_MODES)
     check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
-    if mode != "ppo" and loss_agg_mode == "seq-mean-token-sum":
-        raise ValueError(f"policy loss mode {mode!r} must not use loss_agg_mode "
-                         "'seq-mean-token-sum' (it scales each sequence loss by its length); "
-                         "use 'seq-mean-token-mean'")
+    check_policy_aggregation(mode, loss_agg_mode)
     mask = response_mask.to(log_prob.dtype)
     advantages = advantages.to(log_prob.dtype)
     lower = torch.zeros_like(mask)

@@ -89,6 +89,9 @@ def test_algorithm_combinations() -> None:
         msg = _fails("seq-mean-token-sum", f"actor_rollout_ref.actor.policy_loss={mode}",
                      "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
         assert f"policy_loss={mode}" in msg and "use seq-mean-token-mean" in msg
+        # the one rule (megatron_gad.losses.policy.check_policy_aggregation), named by its section
+        assert (f"actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum is invalid with "
+                f"actor_rollout_ref.actor.policy_loss={mode}") in msg, msg
     _load("actor_rollout_ref.actor.policy_loss=ppo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
 
 
