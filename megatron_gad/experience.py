@@ -7,7 +7,7 @@ prompt. Sequences are ``[prompt (left-padded, P) | response (right-padded, R)]``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,7 +49,6 @@ class Experience:
     values: Tensor | None = None  # [N, R] value critic (GAE)
     advantages: Tensor | None = None  # [N, R]
     returns: Tensor | None = None  # [N, R] (GAE)
-    extra: dict = field(default_factory=dict)
 
 
 def compute_advantages(

@@ -170,15 +170,6 @@ class PromptBatch:
         out.repeat_index = out.repeat_index * n + copy
         return out
 
-    def to(self, device: torch.device | str) -> "PromptBatch":
-        """The same batch with every tensor on ``device``."""
-        updates = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **updates)
-
 
 def collate_rows(
     rows: Sequence[TokenizedRow],
