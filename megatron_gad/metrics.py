@@ -2,7 +2,7 @@
 
 ``MetricsLogger(out_dir, loggers, project, run_name)`` is built on every rank and writes only on
 global rank 0. ``<out_dir>/metrics.jsonl`` gets exactly one object per :meth:`MetricsLogger.log`
-call, ``{"step": N, "<design name>": value, ...}``, whatever ``loggers`` says (it is the public
+call, ``{"step": N, "<metric name>": value, ...}``, whatever ``loggers`` says (it is the public
 record of a run); a resumed run passes ``resume_step`` so lines of steps >= it are dropped first
 and no step appears twice. Non-finite values are written as ``null`` (strict JSON).
 

@@ -70,6 +70,14 @@ class TrainingStopped(RuntimeError):
     """Training stopped early (for example too many non-finite losses in a row)."""
 
 
+def step_phase(step: int, generator_warmup_end: int, policy_start: int) -> Phase:
+    """The phase of the 0-based ``step``: the generator warmup for steps ``[0, generator_warmup_end)``,
+    the critic warmup for ``[generator_warmup_end, policy_start)``, the policy phase from ``policy_start`` on."""
+    if step < generator_warmup_end:
+        return Phase.GENERATOR_WARMUP
+    return Phase.CRITIC_WARMUP if step < policy_start else Phase.POLICY
+
+
 def teacher_sequences(batch: PromptBatch) -> SequenceBatch:
     """The teacher response of each row's prompt as model input (GAD data only)."""
     return SequenceBatch(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_position_ids,
@@ -232,11 +240,8 @@ class Trainer:
         return metrics
 
     def phase(self, step: int) -> Phase:
-        """The phase of ``step`` (0-based): the generator warmup for steps
-        ``[0, generator_warmup_end)``, the critic warmup until ``policy_start``, then the policy phase."""
-        if step < self.generator_warmup_end:
-            return Phase.GENERATOR_WARMUP
-        return Phase.CRITIC_WARMUP if step < self.policy_start else Phase.POLICY
+        """The phase of ``step`` (0-based); see :func:`step_phase`."""
+        return step_phase(step, self.generator_warmup_end, self.policy_start)
 
     def _set_learning_rates(self, phase: Phase) -> None:
         """This step's learning rates: ``trainer.generator_warmup_lr`` for the SFT warmup, and each

@@ -20,9 +20,9 @@ def _source_rank(key: str, yaml_keys: set[str], cli_keys: set[str]) -> int:
 
 
 def merge_actor_keys(cfg: TrainConfig, yaml_keys: set[str], cli_keys: set[str]) -> None:
-    """Reconcile ``actor_rollout_ref.<k>`` (design) with ``actor_rollout_ref.actor.<k>`` (verl).
+    """Reconcile ``actor_rollout_ref.<k>`` with ``actor_rollout_ref.actor.<k>`` (verl's place).
 
-    The command line beats YAML; within one source the design's place wins, and two different
+    The command line beats YAML; within one source ``actor_rollout_ref.<k>`` wins, and two different
     values in one source are refused. Afterwards both places hold the value in force.
     """
     arr = cfg.actor_rollout_ref

@@ -1,4 +1,4 @@
-"""Settings of the actor and critic engines, with the design's key names.
+"""Settings of the actor and critic training engines (the ``actor_rollout_ref.actor`` and ``critic`` keys).
 
 ``ActorConfig`` is the ``actor_rollout_ref.actor`` section of the training config;
 ``CriticLossConfig`` holds the fields of the ``critic`` section that the critic engine reads.
