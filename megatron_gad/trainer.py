@@ -45,8 +45,8 @@ from megatron_gad.trainer_setup import Components, CriticRole, build_components
 logger = logging.getLogger(__name__)
 
 # The sampling seed of a step's rollout: trainer.seed * _SEED_PER_RUN + step * _SEED_PER_STEP +
-# DP rank. Distinct (step, DP rank) pairs of one run get distinct seeds while the DP size is at
-# most _SEED_PER_STEP; a prime _SEED_PER_RUN keeps runs of neighbouring seeds apart.
+# DP rank. Distinct (step, DP rank) pairs get distinct seeds while DP <= _SEED_PER_STEP, and runs
+# of different trainer.seed share none while step * _SEED_PER_STEP + DP < _SEED_PER_RUN (~9900 steps).
 _SEED_PER_RUN = 1_000_003
 _SEED_PER_STEP = 101
 
