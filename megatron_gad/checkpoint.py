@@ -170,8 +170,12 @@ def load_training_checkpoint(path: str, roles: dict[str, tuple]) -> dict:
     rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank()}.pt")
     if os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:  # missing, or torn / not JSON
+        raise CheckpointError(f"{state_file} cannot be read: {exc}") from None
 
 
 def clean_incomplete(root: str) -> list[str]:
