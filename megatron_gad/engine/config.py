@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_MODES, check_choice
-from megatron_gad.losses.policy import check_policy_aggregation
+from megatron_gad.losses.policy import check_dual_clip, check_policy_aggregation
 from megatron_gad.models.build import OptimConfig
 
 
@@ -73,6 +73,8 @@ class ActorConfig:
         check_choice(f"{where}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         check_choice(f"{where}.kl_loss_type", self.kl_loss_type, KL_KINDS)
         check_policy_aggregation(self.policy_loss, self.loss_agg_mode, where)
+        if self.policy_loss == "ppo":  # the GSPO modes have no dual clip
+            check_dual_clip(self.clip_ratio_c, where)
         for name in ("clip_low", "clip_high"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.clip_ratio_{name[5:]} must be >= 0, got {getattr(self, name)}")

@@ -57,6 +57,14 @@ def check_policy_aggregation(mode: str, loss_agg_mode: str, where: str = "") -> 
                          "(it scales each sequence loss by its length); use seq-mean-token-mean")
 
 
+def check_dual_clip(clip_ratio_c: float, where: str = "") -> None:
+    """Raise ``ValueError`` unless the dual-clip constant ``clip_ratio_c`` is > 1 (``where``: the
+    config section of the key, for the message)."""
+    if clip_ratio_c <= 1.0:
+        at = f"{where}." if where else ""
+        raise ValueError(f"{at}clip_ratio_c must be > 1.0 for dual clip, got {clip_ratio_c}")
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over the positions where ``mask`` is set (any matching shape).
 
@@ -154,8 +162,7 @@ def _ppo(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, mask: Tensor, low:
     loss_mat, clipped = _clipped_pg(torch.exp(log_ratio), adv, low, high)
     lower = torch.zeros_like(clipped)
     if clip_ratio_c is not None:
-        if clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1.0 for dual clip, got {clip_ratio_c}")
+        check_dual_clip(clip_ratio_c)
         cap = -adv * clip_ratio_c
         negative = adv < 0
         lower = negative & (loss_mat > cap)
