@@ -31,7 +31,7 @@ def prepare_demo_assets(timeout_s: float = 600.0) -> None:
     """Rank 0 generates the demo assets if absent (atomically); the other ranks wait for them."""
     import time
 
-    from megatron_gad.data.demo import ensure_demo_assets, read_manifest
+    from megatron_gad.data.demo import DemoAssetsError, ensure_demo_assets, read_manifest
 
     if int(os.environ.get("RANK", "0")) == 0:
         ensure_demo_assets(DEMO_ASSETS)
@@ -39,7 +39,7 @@ def prepare_demo_assets(timeout_s: float = 600.0) -> None:
     deadline = time.monotonic() + timeout_s
     while read_manifest(DEMO_ASSETS) is None:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not produce the demo assets in {DEMO_ASSETS} within {timeout_s:.0f}s")
+            raise DemoAssetsError(f"rank 0 did not produce the demo assets in {DEMO_ASSETS} within {timeout_s:.0f}s")
         time.sleep(0.5)
 
 
@@ -62,12 +62,8 @@ def main(argv: list[str]) -> int:
         os.chdir(REPO)  # the demo config's paths are relative to the repository root
         config_path = DEMO_CONFIG
 
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
-    from megatron_gad.checkpoint import CheckpointError
-    from megatron_gad.config import ConfigError, format_config, load_config
-    from megatron_gad.data.dataset import DataError
-    from megatron_gad.runtime.cpu_shims import CpuShimError
+    from megatron_gad.config import format_config, load_config
+    from megatron_gad.errors import UserError
     from megatron_gad.trainer import TrainingStopped, run
 
     try:
@@ -77,8 +73,7 @@ def main(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_config(cfg), flush=True)
         run(cfg)
-    except (ConfigError, DataError, CheckpointError, CheckpointingException, FileNotFoundError, ValueError,
-            TimeoutError, TrainingStopped, CpuShimError) as exc:
+    except (UserError, TrainingStopped) as exc:  # a bad input, or a run stopped on purpose; others keep their traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

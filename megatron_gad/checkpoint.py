@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from megatron_gad.errors import UserError
+from megatron_gad.io import atomic_write_text, remove_dir, replace_dir
 from megatron_gad.models.sharding import unwrap
 
 
@@ -106,7 +107,7 @@ def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trai
     final = os.path.join(root, _STEP_DIR.format(step))
     tmp = final + ".tmp"
     if rank == 0:
-        _remove(tmp)
+        remove_dir(tmp)
         os.makedirs(tmp)
     torch.distributed.barrier()
     for name, (chunks, optimizer) in roles.items():
@@ -119,8 +120,11 @@ def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trai
             json.dump(trainer_state, f)
     torch.distributed.barrier()
     if rank == 0:
-        _publish(tmp, final)
-        _write_atomic(os.path.join(root, LATEST_FILE), str(step))
+        # A final saved earlier (the same step saved again, e.g. after resuming from an older
+        # checkpoint) goes to <final>.old until the new one is in place; clean_incomplete
+        # restores it after a kill in between.
+        replace_dir(tmp, final)
+        atomic_write_text(os.path.join(root, LATEST_FILE), str(step))
     torch.distributed.barrier()
     return final
 
@@ -150,65 +154,45 @@ def load_training_checkpoint(path: str, roles: dict[str, tuple]) -> dict:
     import json
 
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     for name, (chunks, optimizer) in roles.items():
         role_dir = os.path.join(path, name)
         if not os.path.isdir(role_dir):
             raise CheckpointError(f"checkpoint {path} has no state for role {name!r}")
-        state = dist_checkpointing.load(_role_state(chunks, optimizer, loading=True), role_dir)
+        try:
+            state = dist_checkpointing.load(_role_state(chunks, optimizer, loading=True), role_dir)
+        except CheckpointingException as exc:  # saved by another model or layout of tensors
+            raise CheckpointError(f"checkpoint {role_dir} does not match this run's {name}: {exc}") from None
         unwrap(chunks[0]).load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank()}.pt")
     if os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:  # missing, or torn / not JSON
+        raise CheckpointError(f"{state_file} cannot be read: {exc}") from None
 
 
 def clean_incomplete(root: str) -> list[str]:
     """Recover from a run killed while saving (rank 0 only): remove ``global_step_*.tmp``
     directories, and put back a ``global_step_<N>.old`` (the previous save of the same step,
-    moved aside by :func:`_publish`) whose replacement never arrived. Returns the paths removed."""
+    moved aside by :func:`megatron_gad.io.replace_dir`) whose replacement never arrived. Returns the paths removed."""
     if not os.path.isdir(root):
         return []
     names = [d for d in os.listdir(root) if d.startswith("global_step_")]
     stale = [os.path.join(root, d) for d in names if d.endswith(".tmp")]
     for path in stale:
-        _remove(path)
+        remove_dir(path)
     for old in (os.path.join(root, d) for d in names if d.endswith(".old")):
         final = old[: -len(".old")]
         if os.path.isdir(final):
-            _remove(old)
+            remove_dir(old)
             stale.append(old)
         else:
             os.rename(old, final)
     return stale
-
-
-def _publish(tmp: str, final: str) -> None:
-    """Rename the complete ``tmp`` to ``final``. A ``final`` saved earlier (the same step saved
-    again, e.g. after resuming from an older checkpoint) is moved aside first and removed last,
-    so a kill at any moment leaves a complete directory that :func:`clean_incomplete` restores."""
-    old = final + ".old"
-    if os.path.isdir(final):
-        _remove(old)
-        os.rename(final, old)
-    os.replace(tmp, final)
-    _remove(old)
-
-
-def _remove(path: str) -> None:
-    import shutil
-
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

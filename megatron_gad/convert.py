@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_gad.errors import UserError
 from megatron_gad.hf_io import (  # noqa: F401  (re-exported for the CLIs and tests)
     INDEX_FILE,
     ConversionError,
@@ -264,9 +265,12 @@ def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any
         raise ConversionError(f"{megatron_dir!r} has no {META_FILE} (not written by hf_to_megatron)")
     if not os.path.isfile(os.path.join(megatron_dir, "metadata.json")):
         raise ConversionError(f"{megatron_dir!r} has no dist_checkpointing metadata.json")
-    with open(meta_path) as f:
-        raw = json.load(f)
-    if raw.get("role") not in hfm.ROLES:
+    try:
+        with open(meta_path) as f:
+            raw = json.load(f)
+    except ValueError as exc:
+        raise ConversionError(f"{meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("role") not in hfm.ROLES:
         raise ConversionError(f"{meta_path}: role {raw.get('role')!r} is not one of {hfm.ROLES}")
     _check_layout(config, tp, pp)
     return config, MegatronMeta(raw["role"], raw["architecture"], getattr(torch, raw.get("dtype", "float32")))
@@ -430,6 +434,6 @@ def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, 
             return work()
         finally:
             destroy_distributed()
-    except (ValueError, FileNotFoundError) as e:  # ConversionError, MappingError, UnsupportedModelError
+    except UserError as e:  # ConversionError, MappingError, UnsupportedModelError, ...; others keep their traceback
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ prompt. Sequences are ``[prompt (left-padded, P) | response (right-padded, R)]``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,7 +49,6 @@ class Experience:
     values: Tensor | None = None  # [N, R] value critic (GAE)
     advantages: Tensor | None = None  # [N, R]
     returns: Tensor | None = None  # [N, R] (GAE)
-    extra: dict = field(default_factory=dict)
 
 
 def compute_advantages(
@@ -91,7 +90,7 @@ def compute_advantages(
 
 
 def teacher_forced_scores(group_index: Tensor, teacher_repeat: int) -> Tensor:
-    """The design's diagnostic: the j-th of the ``teacher_repeat`` copies of a prompt's teacher
+    """The teacher-forced diagnostic (``critic.teacher_repeat``): the j-th of the ``teacher_repeat`` copies of a prompt's teacher
     response scores ``j`` (0..k-1), a known ranking for exercising the GRPO path. ``group_index``
     ``[N]`` must hold each prompt's rows consecutively, ``teacher_repeat`` of them."""
     n = group_index.numel()

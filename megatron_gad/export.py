@@ -7,7 +7,6 @@ onto global rank 0, which writes them as safetensors shards; the directory appea
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import torch
@@ -15,6 +14,8 @@ import torch.distributed as dist
 
 from megatron_gad.convert import atomic_output_dir
 from megatron_gad.hf_io import ShardWriter, copy_aux_files, finish_shards, hf_output_config
+from megatron_gad.io import remove_dir, replace_dir
+from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES
 from megatron_gad.rollout.weight_export import WeightExporter
 
 
@@ -39,11 +40,11 @@ def export_hf_from_chunks(
     if not replace and os.path.exists(final):  # checked on every rank: none may enter the collectives
         raise FileExistsError(f"{final} exists (export with replace=True to overwrite it)")
     staging = f"{final}.new"
-    if rank == 0 and os.path.exists(staging):
-        shutil.rmtree(staging)
+    if rank == 0:
+        remove_dir(staging)
     dist.barrier()
     exporter = WeightExporter(chunks, hf_config, dtype=dtype, dst_ranks=(0,), role=role,
-                              bucket_bytes=min(max_shard_bytes, 512 * 2**20))
+                              bucket_bytes=min(max_shard_bytes, DEFAULT_BUCKET_BYTES))
     with atomic_output_dir(staging) as tmp:
         writer = ShardWriter(tmp, "part", max_shard_bytes)
         for bucket in exporter.buckets():
@@ -56,20 +57,7 @@ def export_hf_from_chunks(
             hf_output_config(hf_config, role, dtype).save_pretrained(tmp)
             if aux_dir:
                 copy_aux_files(aux_dir, tmp)
-    if rank == 0:
-        _swap_into_place(staging, final)
+    if rank == 0:  # a kill at any point leaves a complete export: final, or final.old beside final.new
+        replace_dir(staging, final)
     dist.barrier()
 
-
-def _swap_into_place(staging: str, final: str) -> None:
-    """Rename the complete ``staging`` directory to ``final``; an existing ``final`` is moved
-    aside first and deleted last, so a kill at any point leaves a complete export on disk
-    (``final``, or ``final.old`` beside ``final.new``)."""
-    old = f"{final}.old"
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(staging, final)
-    if os.path.exists(old):
-        shutil.rmtree(old)

@@ -2,7 +2,7 @@
 
 ``MetricsLogger(out_dir, loggers, project, run_name)`` is built on every rank and writes only on
 global rank 0. ``<out_dir>/metrics.jsonl`` gets exactly one object per :meth:`MetricsLogger.log`
-call, ``{"step": N, "<design name>": value, ...}``, whatever ``loggers`` says (it is the public
+call, ``{"step": N, "<metric name>": value, ...}``, whatever ``loggers`` says (it is the public
 record of a run); a resumed run passes ``resume_step`` so lines of steps >= it are dropped first
 and no step appears twice. Non-finite values are written as ``null`` (strict JSON).
 
@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
+
+from megatron_gad.io import atomic_write_text
 
 #: Metrics shown on the progress bar and the console line, in this order, when present.
 KEY_METRICS: tuple[str, ...] = (
@@ -98,12 +100,7 @@ def truncate_jsonl(path: str, resume_step: int) -> int:
                 continue  # a line torn by a kill mid-write
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < resume_step:
                 kept.append(json.dumps(record) + "\n")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as dst:
-        dst.writelines(kept)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
     return len(kept)
 
 

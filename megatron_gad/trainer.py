@@ -2,17 +2,24 @@
 
 Every rank runs the same loop (SPMD). Per step::
 
-    prompts -> rollout n responses -> Megatron log-prob recompute (+ reference) -> critic scores
-    (GAD: student and teacher) or rewards (reward function) -> advantages (GRPO or GAE) ->
-    critic update -> actor update once step >= trainer.critic_warmup -> weight sync to the engine
+    weight sync to the rollout engine -> rollout n responses per prompt -> Megatron log-prob
+    recompute (+ reference) -> discriminator scores of student and teacher responses (GAD data) or
+    reward-function scores -> advantages (GRPO or GAE) -> critic update -> actor update
 
-The mode (GAD or standard) is decided once, by the dataset. Prompts are split over data-parallel
-replicas; each replica's first rank (TP 0, PP 0) owns a rollout engine and shares its output with
-the rest of its model-parallel group.
+What the actor does depends on the step's :class:`Phase`: the first
+``trainer.generator_warmup_steps`` (or ``generator_warmup_epochs`` epochs) steps fine-tune it on
+the teacher responses (SFT), the next ``trainer.critic_warmup`` steps leave it untouched, and from
+then on it takes the policy-loss update. The critic trains in every phase.
+
+The data's mode (GAD or standard) is decided once, by the dataset, and the critic's role
+(discriminator, value model, none) once, at set-up (:class:`CriticRole`). Prompts are split over
+data-parallel replicas; each replica's first rank (TP 0, PP 0) owns a rollout engine and shares
+its output with the rest of its model-parallel group.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -31,15 +38,44 @@ from megatron_gad.losses import discriminator_accuracy, kl_penalty
 from megatron_gad.metrics import MetricsLogger, Timer, throughput_metrics
 from megatron_gad.models.build import set_lr, warmup_lr
 from megatron_gad.rewards import load_reward_fn, score_responses
-from megatron_gad.rollout.base import ModelDivergedError, logprob_agreement
+from megatron_gad.rollout.base import ModelDivergedError
 from megatron_gad.rollout.weight_export import sync_weights
-from megatron_gad.trainer_setup import Components, build_components
+from megatron_gad.trainer_setup import Components, CriticRole, build_components
 
 logger = logging.getLogger(__name__)
+
+# The sampling seed of a step's rollout: trainer.seed * _SEED_PER_RUN + step * _SEED_PER_STEP +
+# DP rank. Distinct (step, DP rank) pairs get distinct seeds while DP <= _SEED_PER_STEP, and runs
+# of different trainer.seed share none while step * _SEED_PER_STEP + DP < _SEED_PER_RUN (~9900 steps).
+_SEED_PER_RUN = 1_000_003
+_SEED_PER_STEP = 101
+
+
+#: The sums :meth:`Trainer.validate` reduces over data parallelism, in this order.
+_VAL_SUMS = ("reward", "exact", "matched_tokens", "teacher_tokens", "rows", "teacher_log_prob")
+
+
+class Phase(enum.Enum):
+    """What the actor does at a training step (the critic trains in every phase)."""
+
+    GENERATOR_WARMUP = "generator_warmup"
+    """SFT on the teacher responses (GAD data only)."""
+    CRITIC_WARMUP = "critic_warmup"
+    """No actor update: the critic alone trains."""
+    POLICY = "policy"
+    """The actor's policy-loss update on the step's advantages."""
 
 
 class TrainingStopped(RuntimeError):
     """Training stopped early (for example too many non-finite losses in a row)."""
+
+
+def step_phase(step: int, generator_warmup_end: int, policy_start: int) -> Phase:
+    """The phase of the 0-based ``step``: the generator warmup for steps ``[0, generator_warmup_end)``,
+    the critic warmup for ``[generator_warmup_end, policy_start)``, the policy phase from ``policy_start`` on."""
+    if step < generator_warmup_end:
+        return Phase.GENERATOR_WARMUP
+    return Phase.CRITIC_WARMUP if step < policy_start else Phase.POLICY
 
 
 def teacher_sequences(batch: PromptBatch) -> SequenceBatch:
@@ -76,6 +112,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.c: Components = build_components(cfg)
+        t = cfg.trainer
+        #: Steps [0, generator_warmup_end) are the generator warmup; the policy phase starts at policy_start.
+        self.generator_warmup_end = t.generator_warmup_steps or t.generator_warmup_epochs * self.c.steps_per_epoch
+        self.policy_start = self.generator_warmup_end + t.critic_warmup
         self.reward_fn = None
         reward = cfg.custom_reward_function
         if reward.path or (self.c.demo_data and self.c.has_ground_truth):  # demo: exact match by default
@@ -172,123 +212,111 @@ class Trainer:
             with timer("weight_sync"):
                 self._sync_weights()
             with timer("rollout"):
-                rows = batch.repeat(self.c.rollout_n)
-                exp = self._rollout(rows)
+                rows, exp = self._rollout(batch, self.cfg.actor_rollout_ref.rollout.n)
                 self._release_rollout()
         except ModelDivergedError as exc:
             diverged = exc
         self._stop_together(diverged, f"at step {self.step + 1}")
-        generator_warmup, actor_on = self.phase(self.step)
+        phase = self.phase(self.step)
         with timer("old_log_prob"):
             self._recompute_log_probs(exp, metrics)
         with timer("score"):
             self._score(exp, rows, metrics)
         with timer("advantages"):
-            self._advantages(exp, metrics, adapt_kl=actor_on)
-        self._set_learning_rates(generator_warmup)
+            self._advantages(exp, metrics, phase)
+        self._set_learning_rates(phase)
         with timer("critic_update"):
             metrics.update(self._update_critic(exp))
         with timer("actor_update"):
-            if generator_warmup:
+            if phase is Phase.GENERATOR_WARMUP:
                 metrics.update(self.c.actor.sft_update(sft_batch(exp.teacher)))
                 self.weights_stale = True
-            elif actor_on:
+            elif phase is Phase.POLICY:
                 metrics.update(self._update_actor(exp))
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(v for k, v in metrics.items() if k.startswith("timing/"))
-        metrics.update(self._step_stats(exp, actor_on, generator_warmup, metrics))
+        metrics.update(self._step_stats(exp, phase, metrics))
         self._count_nonfinite(metrics)
         return metrics
 
-    def phase(self, step: int) -> tuple[bool, bool]:
-        """(generator warmup?, actor policy update?) at ``step``.
+    def phase(self, step: int) -> Phase:
+        """The phase of ``step`` (0-based); see :func:`step_phase`."""
+        return step_phase(step, self.generator_warmup_end, self.policy_start)
 
-        Steps ``[0, G)`` with ``G = trainer.generator_warmup_steps`` (or
-        ``generator_warmup_epochs`` epochs) fine-tune the actor on the
-        teacher responses (SFT) while the discriminator trains; the next
-        ``trainer.critic_warmup`` steps train the critic only; the actor's policy loss is used
-        from step ``G + critic_warmup`` on. With ``G = 0`` this is the design's critic warmup:
-        steps 0..critic_warmup-1 leave the actor untouched.
-        """
-        start = self.phase_start()
-        return step < start - self.cfg.trainer.critic_warmup, step >= start
-
-    def _set_learning_rates(self, generator_warmup: bool) -> None:
+    def _set_learning_rates(self, phase: Phase) -> None:
         """This step's learning rates: ``trainer.generator_warmup_lr`` for the SFT warmup, and each
         optimizer's linear ``lr_warmup_steps`` (the actor's counted from its first policy step)."""
-        t, arr = self.cfg.trainer, self.cfg.actor_rollout_ref
+        actor_optim = self.cfg.actor_rollout_ref.actor.optim
         if self.c.critic is not None:
             set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step))
-        if generator_warmup:
-            set_lr(self.c.actor.optimizer, t.generator_warmup_lr or arr.actor.optim.lr)
+        if phase is Phase.GENERATOR_WARMUP:
+            set_lr(self.c.actor.optimizer, self.cfg.trainer.generator_warmup_lr or actor_optim.lr)
         else:
-            policy_start = self.step - self.phase_start()
-            set_lr(self.c.actor.optimizer, warmup_lr(arr.actor.optim, max(policy_start, 0)))
-
-    def phase_start(self) -> int:
-        """The first step at which the actor's policy loss is used."""
-        t = self.cfg.trainer
-        return (t.generator_warmup_steps or t.generator_warmup_epochs * self.c.steps_per_epoch) + t.critic_warmup
+            set_lr(self.c.actor.optimizer, warmup_lr(actor_optim, max(self.step - self.policy_start, 0)))
 
     def _release_rollout(self) -> None:
         """Let the rollout engine free its accelerator memory while the models train."""
-        if self.c.rollout is not None:
-            self.c.rollout.sleep()
+        if self.c.rollout_engine is not None:
+            self.c.rollout_engine.sleep()
 
     def _sync_weights(self) -> None:
         if not self.weights_stale:
             return
-        engine = self.c.rollout
+        engine = self.c.rollout_engine
         if engine is not None:
             engine.wake()
         sync_weights(self.c.exporter, engine)
         self.weights_stale = False
 
-    def _rollout(self, rows: PromptBatch, greedy: bool = False) -> Experience:
-        """Responses to ``rows`` from this replica's engine, shared with its model-parallel peers.
+    def _rollout(self, prompts: PromptBatch, n: int, greedy: bool = False) -> tuple[PromptBatch, Experience]:
+        """``n`` responses to each of ``prompts`` from this replica's rollout engine, shared with its
+        model-parallel peers: (the prompts repeated to one row per response, the experience).
         A diverged policy raises ModelDivergedError on every rank of the replica."""
         out: Any = None
-        if self.c.rollout is not None:
-            seed = self.cfg.trainer.seed * 1_000_003 + self.step * 101 + self.c.info.dp_rank
+        if self.c.rollout_engine is not None:
+            seed = self.cfg.trainer.seed * _SEED_PER_RUN + self.step * _SEED_PER_STEP + self.c.info.dp_rank
             try:
-                gen = self.c.rollout.generate(rows.input_ids[:: self.c.rollout_n] if not greedy else rows.input_ids,
-                                              rows.attention_mask[:: self.c.rollout_n] if not greedy
-                                              else rows.attention_mask,
-                                              n=1 if greedy else self.c.rollout_n, greedy=greedy, seed=seed)
+                gen = self.c.rollout_engine.generate(prompts.input_ids, prompts.attention_mask, n=n, greedy=greedy,
+                                                     seed=seed)
                 out = (gen.responses, gen.response_mask, gen.rollout_log_probs)
             except ModelDivergedError as exc:  # the peers wait for this rank's broadcast: send them the error
                 out = exc
         out = self.c.share_from_rollout_rank(out)
         if isinstance(out, ModelDivergedError):
             raise out
+        rows = prompts.repeat(n) if n > 1 else prompts
         student = join(rows.input_ids, rows.attention_mask, out[0], out[1])
         teacher = teacher_sequences(rows) if self.c.mode is Mode.GAD else None
-        return Experience(student=student, group_index=rows.group_index, teacher=teacher, rollout_log_probs=out[2])
+        return rows, Experience(student=student, group_index=rows.group_index, teacher=teacher,
+                                rollout_log_probs=out[2])
 
     def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float]) -> None:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         arr = self.cfg.actor_rollout_ref
         exp.old_log_probs, entropy = self.c.actor.compute_log_probs(exp.student, temperature)
-        agreement = logprob_agreement(exp.rollout_log_probs, exp.old_log_probs, exp.student.response_mask)
         mask = exp.student.response_mask.double()
         diff = (exp.rollout_log_probs.double() - exp.old_log_probs.double()).abs()
-        # token-weighted means over the whole (DP-split) batch
+        # token-weighted means over the whole (DP-split) batch; the max over its valid tokens
         totals = self.c.dp_sum(torch.stack([(entropy * mask).sum(), (diff * mask).sum(), mask.sum()]))
         tokens = totals[2].clamp(min=1)
+        valid_diff = diff[exp.student.response_mask.bool()]
         metrics["actor/entropy_rollout"] = float(totals[0] / tokens)
         metrics["rollout/logprob_abs_diff_mean"] = float(totals[1] / tokens)
-        metrics["rollout/logprob_abs_diff_max"] = self.c.dp_max(agreement["rollout/logprob_abs_diff_max"])
+        metrics["rollout/logprob_abs_diff_max"] = self.c.dp_max(float(valid_diff.max()) if valid_diff.numel() else 0.0)
         if self.c.ref is not None:
             exp.ref_log_probs, _ = self.c.ref.compute_log_probs(
                 exp.student, temperature, micro_batch_size=arr.ref.log_prob_micro_batch_size_per_gpu)
 
     def _score(self, exp: Experience, rows: PromptBatch, metrics: dict[str, float]) -> None:
-        if self.c.mode is Mode.GAD:
+        """The step's scores: the discriminator's (GAD data) or the reward function's, and the
+        value model's values when the critic is one (``rows``: one per response)."""
+        role = self.c.critic_role
+        if role is CriticRole.DISCRIMINATOR:
             repeat = self.cfg.critic.teacher_repeat
             if repeat > 0:
-                # The design's teacher-forced diagnostic: the j-th copy of a prompt's teacher
-                # response is valued j instead of by a forward pass, and GRPO runs on these known
-                # rankings. The discriminator still trains on real forward passes.
+                # The teacher-forced diagnostic (critic.teacher_repeat): the j-th copy of a
+                # prompt's teacher response is valued j instead of by a forward pass, and GRPO
+                # runs on these known rankings. The discriminator still trains on real passes.
                 exp.teacher_scores = teacher_forced_scores(exp.group_index, repeat)
                 exp.scores = exp.teacher_scores
             else:
@@ -298,27 +326,27 @@ class Trainer:
                     float(discriminator_accuracy(exp.teacher_scores, exp.scores)))
         else:
             scores = None
-            if self.c.rollout is not None:  # one call per replica, shared: rewards may be costly or random
+            if self.c.rollout_engine is not None:  # one call per replica, shared: rewards may be costly or random
                 texts = self.c.decode(exp.student.responses, exp.student.response_mask)
                 scores = score_responses(self.reward_fn, texts, rows.data_source, rows.ground_truth,
                                          extra_infos(rows))
             exp.scores = self.c.share_from_rollout_rank(scores)
         metrics["critic/score_mean"] = self.c.dp_mean(float(exp.scores.mean()))
-        if self.cfg.algorithm.adv_estimator == "gae":
+        if role is CriticRole.VALUE:
             exp.values = self.c.critic.compute_values(exp.student)
 
-    def _advantages(self, exp: Experience, metrics: dict[str, float], adapt_kl: bool) -> None:
+    def _advantages(self, exp: Experience, metrics: dict[str, float], phase: Phase) -> None:
         alg = self.cfg.algorithm
         exp.advantages, exp.returns = compute_advantages(
             alg.adv_estimator, exp.scores, exp.group_index, exp.student.response_mask, values=exp.values,
             norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam,
-            token_penalty=self._reward_kl_penalty(exp, metrics, adapt_kl), reduce=self.c.dp_sum,
+            token_penalty=self._reward_kl_penalty(exp, metrics, phase), reduce=self.c.dp_sum,
         )
 
-    def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float], adapt: bool) -> torch.Tensor | None:
+    def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float], phase: Phase) -> torch.Tensor | None:
         """``algorithm.use_kl_in_reward``: the per-token penalty ``coef * KL(actor || ref)`` on the
-        rollout's tokens (old log-probs against the reference). With ``adapt`` (steps whose
-        advantages train the actor, not the warmups) the adaptive coefficient follows the KL."""
+        rollout's tokens (old log-probs against the reference). In the policy phase (the steps
+        whose advantages train the actor) the adaptive coefficient follows the KL."""
         alg = self.cfg.algorithm
         if not alg.use_kl_in_reward:
             return None
@@ -328,21 +356,22 @@ class Trainer:
         penalty = self.kl_ctrl.coef * kl
         metrics["actor/reward_kl_penalty"] = mean_kl
         metrics["actor/reward_kl_penalty_coeff"] = self.kl_ctrl.coef
-        if adapt:
+        if phase is Phase.POLICY:
             self.kl_ctrl.update(mean_kl, exp.student.rows * self.c.info.dp)
         return penalty
 
     def _update_critic(self, exp: Experience) -> dict[str, float]:
-        if self.c.critic is None:
+        role = self.c.critic_role
+        if role is CriticRole.NONE:
             return {}
         mini = self._local_mini_batch("critic", self.cfg.critic.ppo_mini_batch_size)
-        if self.c.mode is Mode.GAD:
+        if role is CriticRole.DISCRIMINATOR:
             return self.c.critic.update_discriminator(PairBatch(exp.student, exp.teacher), mini_batch_size=mini)
         return self.c.critic.update_values(ValueBatch(exp.student, exp.values, exp.returns), mini_batch_size=mini)
 
     def _local_mini_batch(self, where: str, prompts: int | None) -> int:
         prompts = prompts or self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size
-        return local_mini_batch_size(prompts, self.c.rollout_n, self.c.info.dp, where)
+        return local_mini_batch_size(prompts, self.cfg.actor_rollout_ref.rollout.n, self.c.info.dp, where)
 
     def _update_actor(self, exp: Experience) -> dict[str, float]:
         self.weights_stale = True
@@ -351,13 +380,13 @@ class Trainer:
         return self.c.actor.update(batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
                                    mini_batch_size=mini, shuffle_seed=self.step)
 
-    def _step_stats(self, exp: Experience, actor_on: bool, warmup: bool, metrics: dict) -> dict[str, float]:
+    def _step_stats(self, exp: Experience, phase: Phase, metrics: dict) -> dict[str, float]:
         lengths = exp.student.response_mask.float().sum(-1)
         tokens = int(self.c.dp_sum(exp.student.attention_mask.sum().reshape(1))[0])
         seconds = metrics["timing/step"]
         return {
-            "trainer/actor_updated": float(actor_on),
-            "trainer/generator_warmup": float(warmup),
+            "trainer/actor_updated": float(phase is Phase.POLICY),
+            "trainer/generator_warmup": float(phase is Phase.GENERATOR_WARMUP),
             "response_length/mean": self.c.dp_mean(float(lengths.mean())),
             "response_length/max": self.c.dp_max(float(lengths.max())),
             **throughput_metrics(tokens, seconds, self.c.info.world_size),
@@ -382,41 +411,45 @@ class Trainer:
         response tokens reproduced (``val/teacher_token_agreement``) and, with
         ``trainer.teacher_forced_validation``, the actor's mean log-probability per teacher
         response token (``val/teacher_log_prob``, temperature 1)."""
-        # reward, exact, matched tokens, teacher tokens, rows, teacher log-prob sum
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = torch.zeros(len(_VAL_SUMS), dtype=torch.float64)
+        slot = {name: i for i, name in enumerate(_VAL_SUMS)}
+        gad = self.c.mode is Mode.GAD
         teacher_batches: list[PromptBatch] = []
         diverged = None
         try:
             if self.weights_stale:
                 self._sync_weights()
-            elif self.c.rollout is not None:
-                self.c.rollout.wake()
+            elif self.c.rollout_engine is not None:
+                self.c.rollout_engine.wake()
             for batch in self.c.val_loader.batches():
-                exp = self._rollout(batch, greedy=True)
+                _, exp = self._rollout(batch, 1, greedy=True)
                 texts = self.c.decode(exp.student.responses, exp.student.response_mask)
                 if self.reward_fn is not None:
-                    sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
-                                                     extra_infos(batch)).sum())
-                if batch.teacher_response is not None:
-                    sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
-                    sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
+                    sums[slot["reward"]] += float(score_responses(self.reward_fn, texts, batch.data_source,
+                                                                  batch.ground_truth, extra_infos(batch)).sum())
+                if gad:
+                    sums[slot["exact"]] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
+                    matched, teacher_tokens = token_agreement(exp.student, batch)
+                    sums[slot["matched_tokens"]] += matched
+                    sums[slot["teacher_tokens"]] += teacher_tokens
                     teacher_batches.append(batch)
-                sums[4] += len(texts)
+                sums[slot["rows"]] += len(texts)
         except ModelDivergedError as exc:
             diverged = exc
         self._release_rollout()
         self._stop_together(diverged, f"validating after step {self.step}")
         if self.cfg.trainer.teacher_forced_validation:  # Megatron passes, with the engine asleep
-            sums[5] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
-        totals = self.c.dp_sum(sums)
+            sums[slot["teacher_log_prob"]] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
+        totals = dict(zip(_VAL_SUMS, self.c.dp_sum(sums)))
+        teacher_tokens = totals["teacher_tokens"].clamp(min=1)
         out = {}
-        if self.c.mode is Mode.GAD:
-            out["val/teacher_exact_match"] = float(totals[1] / totals[4])
-            out["val/teacher_token_agreement"] = float(totals[2] / totals[3].clamp(min=1))
+        if gad:
+            out["val/teacher_exact_match"] = float(totals["exact"] / totals["rows"])
+            out["val/teacher_token_agreement"] = float(totals["matched_tokens"] / teacher_tokens)
             if self.cfg.trainer.teacher_forced_validation:
-                out["val/teacher_log_prob"] = float(totals[5] / totals[3].clamp(min=1))
+                out["val/teacher_log_prob"] = float(totals["teacher_log_prob"] / teacher_tokens)
         if self.reward_fn is not None:
-            out["val/reward"] = float(totals[0] / totals[4])
+            out["val/reward"] = float(totals["reward"] / totals["rows"])
         return out
 
 

@@ -1,11 +1,17 @@
-"""Build everything a run needs from its config: process groups, data, engines, rollout, exporter.
+"""Build everything a run needs from its config: data, process groups, training engines, the
+rollout engine, the weight exporter.
 
-Called on every rank by :class:`megatron_gad.trainer.Trainer`. Config errors are raised before
-any model is built.
+Called on every rank by :class:`megatron_gad.trainer.Trainer`, with a config that
+:func:`megatron_gad.config.load_config` has checked. The checks that need the data (its mode) and
+the model directories run here, before the process groups are initialised and before any model
+is built (ConfigError naming the key, or DataError naming the file and row). "Training engine" means a role's
+Megatron model + optimizer (:mod:`megatron_gad.engine`); "rollout engine" the generator
+(:mod:`megatron_gad.rollout`).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -13,10 +19,29 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_gad.config import TrainConfig, validate_config
+from megatron_gad.config import ConfigError, TrainConfig
 from megatron_gad.data.batch import Mode, PromptBatch, PromptLoader
 from megatron_gad.data.demo import DEMO_DATA_SOURCE
+from megatron_gad.hf_io import ConversionError, read_hf_config
 from megatron_gad.runtime import ParallelInfo, init_distributed
+
+
+class CriticRole(enum.Enum):
+    """What the critic model is in a run; decided once, by :meth:`decide`, at set-up."""
+
+    DISCRIMINATOR = "discriminator"
+    """GAD data: scores student and teacher responses; its scores are the rewards."""
+    VALUE = "value"
+    """Standard data with ``algorithm.adv_estimator=gae``: per-token values for GAE."""
+    NONE = "none"
+    """Standard data with GRPO: the reward function scores responses; no critic is built."""
+
+    @classmethod
+    def decide(cls, mode: Mode, adv_estimator: str) -> "CriticRole":
+        """The role for data of ``mode`` and the advantage estimator ``adv_estimator``."""
+        if mode is Mode.GAD:
+            return cls.DISCRIMINATOR
+        return cls.VALUE if adv_estimator == "gae" else cls.NONE
 
 
 def dp_rows(size: int, dp: int, dp_rank: int, mini: int | None) -> list[int]:
@@ -77,6 +102,7 @@ class Components:
 
     info: ParallelInfo
     mode: Mode
+    critic_role: CriticRole
     has_ground_truth: bool
     demo_data: bool  # every row is the demo task's (its exact-match reward applies)
     tokenizer: Any
@@ -87,9 +113,8 @@ class Components:
     ref: Any
     critic: Any
     actor_hf_config: Any
-    rollout: Any
+    rollout_engine: Any  # on this replica's rollout rank (TP 0, PP 0); None on its peers
     exporter: Any
-    rollout_n: int
     total_steps: int
     steps_per_epoch: int
 
@@ -133,8 +158,8 @@ class Components:
 
 
 @dataclass
-class Engines:
-    """The role engines of a run: the actor, an optional frozen reference, an optional critic."""
+class TrainingEngines:
+    """The training engines of a run: the actor, an optional frozen reference, an optional critic."""
 
     actor: Any
     ref: Any
@@ -165,13 +190,13 @@ def check_mode(cfg: TrainConfig, mode: Mode) -> None:
     """Refuse settings the data's mode cannot serve (called before any model is built)."""
     t = cfg.trainer
     if mode is Mode.GAD and cfg.algorithm.adv_estimator == "gae":
-        raise ValueError("algorithm.adv_estimator=gae needs a value critic, but GAD data (rows with "
+        raise ConfigError("algorithm.adv_estimator=gae needs a value critic, but GAD data (rows with "
                          "teacher_response) makes the critic the discriminator: use adv_estimator=grpo")
     if mode is Mode.STANDARD and (t.generator_warmup_steps or t.generator_warmup_epochs):
-        raise ValueError("trainer.generator_warmup_steps/_epochs need GAD data (rows with teacher_response): "
+        raise ConfigError("trainer.generator_warmup_steps/_epochs need GAD data (rows with teacher_response): "
                          "the generator warmup fine-tunes on the teacher responses")
     if mode is Mode.STANDARD and not cfg.custom_reward_function.path:
-        raise ValueError("data without teacher_response trains with a reward function: set "
+        raise ConfigError("data without teacher_response trains with a reward function: set "
                          "custom_reward_function.path (and .name)")
 
 
@@ -192,38 +217,37 @@ def _copy_params(dst: Any, src: Any) -> None:
 
 def _check_model_dir(path: str | None, key: str) -> str:
     if not path:
-        raise ValueError(f"{key} is required")
+        raise ConfigError(f"{key} is required")
     if not os.path.isdir(path):
-        raise ValueError(f"{key}={path!r}: no such directory (a Hugging Face model directory is expected)")
+        raise ConfigError(f"{key}={path!r}: no such directory (a Hugging Face model directory is expected)")
     return path
 
 
 def load_hf_config(path: str | None, key: str) -> Any:
-    """``AutoConfig`` of the model directory named by config key ``key``; ValueError naming the key
-    when it is missing or not a Hugging Face model directory (no download is ever attempted)."""
-    from transformers import AutoConfig
-
+    """``AutoConfig`` of the model directory named by config key ``key`` (read by
+    :func:`megatron_gad.hf_io.read_hf_config`); ConfigError naming the key when it is missing or
+    not a Hugging Face model directory (no download is ever attempted)."""
     path = _check_model_dir(path, key)
     try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{key}={path!r} is not a Hugging Face model directory: {exc}") from None
+        return read_hf_config(path)
+    except ConversionError as exc:
+        raise ConfigError(f"{key}={path!r} is not a Hugging Face model directory: {exc}") from None
 
 
 def load_tokenizer(path: str | None, key: str) -> Any:
-    """``AutoTokenizer`` of the directory named by config key ``key`` (ValueError naming it)."""
+    """``AutoTokenizer`` of the directory named by config key ``key`` (ConfigError naming it)."""
     from transformers import AutoTokenizer
 
     path = _check_model_dir(path, key)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{key}={path!r} holds no usable tokenizer: {exc}") from None
+        raise ConfigError(f"{key}={path!r} holds no usable tokenizer: {exc}") from None
 
 
-def build_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: ParallelInfo) -> Engines:
+def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: ParallelInfo) -> TrainingEngines:
     """Build the actor (and reference) and, when ``critic_hf`` is given, the critic (collective)."""
-    from megatron_gad.engine import ActorEngine, CriticEngine, CriticLossConfig
+    from megatron_gad.engine import ActorEngine, CriticEngine
     from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
 
     tp, pp = info.tp, info.pp
@@ -239,17 +263,13 @@ def build_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: 
     critic = None
     if critic_hf is not None:
         c = cfg.critic
-        settings = CriticLossConfig(ppo_epochs=c.ppo_epochs, cliprange_value=c.cliprange_value,
-                                    loss_agg_mode=c.loss_agg_mode,
-                                    ppo_micro_batch_size_per_gpu=c.ppo_micro_batch_size_per_gpu
-                                    or arr.actor.ppo_micro_batch_size_per_gpu)
         critic_tf = transformer_config_from_hf(critic_hf, tp, pp, params_dtype=_params_dtype(c.model.dtype))
-        critic = CriticEngine.create(critic_tf, model_args_from_hf(critic_hf), settings, c.optim)
+        critic = CriticEngine.create(critic_tf, model_args_from_hf(critic_hf), c.loss_settings(), c.optim)
         _load_hf_weights(critic, c.model.path, critic_hf, "critic")
     if info.rank == 0:
         print(f"[megatron_gad] actor weights: {'from ' + arr.model.path if loaded else 'Megatron initialisation'}",
               flush=True)
-    return Engines(actor=actor, ref=ref, critic=critic)
+    return TrainingEngines(actor=actor, ref=ref, critic=critic)
 
 
 def _is_rollout_rank(info: ParallelInfo) -> bool:
@@ -273,20 +293,13 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def build_components(cfg: TrainConfig) -> Components:
-    """Initialise the process groups and build data, engines, rollout and exporter (collective)."""
+    """Read the tokenizer, the data and the model configs (every check that needs them runs
+    here, before any process group exists), then initialise the process groups and build the
+    training engines, the rollout engine and the exporter (collective)."""
     from megatron_gad.data.dataset import build_loaders
     from megatron_gad.rollout.base import TokenSpec, make_rollout_engine
     from megatron_gad.rollout.weight_export import WeightExporter
 
-    layout = cfg.actor_rollout_ref.megatron
-    critic_layout = cfg.critic.megatron
-    if critic_layout is not None and (critic_layout.tensor_model_parallel_size, critic_layout.pipeline_model_parallel_size) != (
-        layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-    ):
-        raise ValueError("critic.megatron must equal actor_rollout_ref.megatron (both roles share one TP x PP layout)")
-    info = init_distributed(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                            seed=cfg.trainer.seed)
-    validate_config(cfg, world_size=info.world_size)
     model = cfg.actor_rollout_ref.model
     tokenizer_dir = model.tokenizer_path or model.path
     tokenizer = load_tokenizer(tokenizer_dir, "actor_rollout_ref.model.tokenizer_path" if model.tokenizer_path
@@ -294,27 +307,30 @@ def build_components(cfg: TrainConfig) -> Components:
     train_loader, val_loader = build_loaders(cfg.data, tokenizer)
     mode = train_loader.mode
     check_mode(cfg, mode)
+    critic_role = CriticRole.decide(mode, cfg.algorithm.adv_estimator)
     actor_hf = load_hf_config(model.path, "actor_rollout_ref.model.path")
-    needs_critic = mode is Mode.GAD or cfg.algorithm.adv_estimator == "gae"
-    critic_hf = load_hf_config(cfg.critic.model.path, "critic.model.path") if needs_critic else None
-    engines = build_engines(cfg, actor_hf, critic_hf, info)
-    rollout = None
+    critic_hf = None if critic_role is CriticRole.NONE else load_hf_config(cfg.critic.model.path, "critic.model.path")
+    layout = cfg.actor_rollout_ref.megatron  # critic.megatron equals it (checked by load_config)
+    info = init_distributed(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+                            seed=cfg.trainer.seed)
+    engines = build_training_engines(cfg, actor_hf, critic_hf, info)
+    rollout_engine = None
     if _is_rollout_rank(info):
-        rollout = make_rollout_engine(cfg.actor_rollout_ref.rollout, actor_hf, TokenSpec.from_tokenizer(tokenizer))
+        rollout_engine = make_rollout_engine(cfg.actor_rollout_ref.rollout, actor_hf, TokenSpec.from_tokenizer(tokenizer))
     exporter = WeightExporter(
         engines.actor.chunks, actor_hf, dtype=rollout_dtype(cfg), dst_ranks=_rollout_ranks(),
         bucket_bytes=cfg.actor_rollout_ref.rollout.bucket_bytes,
     )
     rows = train_loader.dataset.rows
     return Components(
-        info=info, mode=mode,
+        info=info, mode=mode, critic_role=critic_role,
         has_ground_truth=any(r.ground_truth is not None for r in rows),
         demo_data=all(r.data_source == DEMO_DATA_SOURCE for r in rows),
         tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
         loader=DataParallelBatches(train_loader, info.dp, info.dp_rank, cfg.actor_rollout_ref.actor.ppo_mini_batch_size),
         val_loader=DataParallelBatches(val_loader, info.dp, info.dp_rank) if val_loader is not None else None,
         actor=engines.actor, ref=engines.ref, critic=engines.critic, actor_hf_config=actor_hf,
-        rollout=rollout, exporter=exporter, rollout_n=cfg.actor_rollout_ref.rollout.n,
+        rollout_engine=rollout_engine, exporter=exporter,
         total_steps=_total_steps(cfg, len(train_loader)), steps_per_epoch=len(train_loader),
     )
 

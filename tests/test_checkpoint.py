@@ -120,7 +120,7 @@ def test_incomplete_save_is_ignored_and_cleaned(tmp_path) -> None:
 def test_a_step_saved_again_survives_a_kill_at_every_point(tmp_path) -> None:
     """Saving a step that already exists moves the old directory aside; whichever rename a kill
     interrupts, clean_incomplete leaves a complete checkpoint where the marker points."""
-    from megatron_gad.checkpoint import _publish
+    from megatron_gad.io import replace_dir
 
     root = str(tmp_path)
     run_distributed(_train_and_save, 1, args=(root,))
@@ -141,6 +141,6 @@ def test_a_step_saved_again_survives_a_kill_at_every_point(tmp_path) -> None:
     # an uninterrupted re-publish replaces the directory and leaves nothing beside it
     shutil.copytree(final, final + ".tmp")
     open(os.path.join(final + ".tmp", "marker-of-new"), "w").close()
-    _publish(final + ".tmp", final)
+    replace_dir(final + ".tmp", final)
     assert "marker-of-new" in os.listdir(final)
     assert sorted(d for d in os.listdir(root) if d.startswith("global_step_")) == [os.path.basename(final)]

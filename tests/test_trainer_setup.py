@@ -62,3 +62,20 @@ def test_model_and_tokenizer_directories_are_checked_by_key(tmp_path) -> None:
         load_tokenizer(str(empty), "actor_rollout_ref.model.tokenizer_path")
     LlamaConfig(num_hidden_layers=1).save_pretrained(str(tmp_path / "ok"))
     assert load_hf_config(str(tmp_path / "ok"), "critic.model.path").num_hidden_layers == 1
+
+
+def test_critic_role_is_decided_by_mode_and_estimator() -> None:
+    from megatron_gad.trainer_setup import CriticRole
+
+    assert CriticRole.decide(Mode.GAD, "grpo") is CriticRole.DISCRIMINATOR
+    assert CriticRole.decide(Mode.STANDARD, "gae") is CriticRole.VALUE
+    assert CriticRole.decide(Mode.STANDARD, "grpo") is CriticRole.NONE
+
+
+def test_step_phases_follow_the_two_warmups() -> None:
+    from megatron_gad.trainer import Phase, step_phase
+
+    phases = [step_phase(step, generator_warmup_end=2, policy_start=5) for step in range(7)]
+    assert phases == [Phase.GENERATOR_WARMUP] * 2 + [Phase.CRITIC_WARMUP] * 3 + [Phase.POLICY] * 2
+    assert [step_phase(s, 0, 0) for s in range(2)] == [Phase.POLICY] * 2
+    assert [step_phase(s, 0, 1) for s in range(2)] == [Phase.CRITIC_WARMUP, Phase.POLICY]

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from megatron_gad.data.demo import DEFAULT_SEED, ensure_demo_assets, read_manifest
+from megatron_gad.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         assets = ensure_demo_assets(args.out, seed=args.seed, force=args.force)
-    except (ValueError, OSError) as exc:
+    except (UserError, OSError) as exc:  # a foreign directory in the way; a full or read-only disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     manifest = read_manifest(assets.root) or {}

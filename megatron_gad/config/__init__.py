@@ -1,4 +1,4 @@
-"""Typed run configuration: YAML files plus dotted command-line overrides, with the design's keys.
+"""Typed run configuration: YAML files plus dotted command-line overrides, in verl's section layout.
 
 ``load_config(yaml_path, overrides)`` returns a :class:`TrainConfig` whose sections are typed
 dataclasses (``data``, ``algorithm``, ``actor_rollout_ref``, ``critic``, ``trainer``,
@@ -11,8 +11,8 @@ Rules, in order of application:
   are typed by the fields: ``1e-6`` is a float, ``true``/``false`` booleans, ``null`` clears an
   optional value, lists are ``[a,b]`` or ``a,b``.
 * ``ppo_mini_batch_size`` / ``ppo_micro_batch_size_per_gpu`` / ``ppo_epochs`` may sit under
-  ``actor_rollout_ref`` (the design) or ``actor_rollout_ref.actor`` (verl): the command line beats
-  YAML, within one source the design's place wins, different values in one source are refused.
+  ``actor_rollout_ref`` or ``actor_rollout_ref.actor`` (verl's place): the command line beats
+  YAML, within one source ``actor_rollout_ref.<key>`` wins, different values in one source are refused.
 * inherited values: ``critic.model.path`` / ``critic.megatron`` / critic batch sizes default to the
   actor's; ``rollout.prompt_length`` / ``response_length`` to ``data.max_*_length``;
   ``data.seed`` / ``rollout.seed`` to ``trainer.seed``; ``trainer.default_local_dir`` to

@@ -20,9 +20,9 @@ def _source_rank(key: str, yaml_keys: set[str], cli_keys: set[str]) -> int:
 
 
 def merge_actor_keys(cfg: TrainConfig, yaml_keys: set[str], cli_keys: set[str]) -> None:
-    """Reconcile ``actor_rollout_ref.<k>`` (design) with ``actor_rollout_ref.actor.<k>`` (verl).
+    """Reconcile ``actor_rollout_ref.<k>`` with ``actor_rollout_ref.actor.<k>`` (verl's place).
 
-    The command line beats YAML; within one source the design's place wins, and two different
+    The command line beats YAML; within one source ``actor_rollout_ref.<k>`` wins, and two different
     values in one source are refused. Afterwards both places hold the value in force.
     """
     arr = cfg.actor_rollout_ref
@@ -118,11 +118,6 @@ def _model_problems(role: str, model_path: str, layout: MegatronConfig) -> list[
 def _algorithm_problems(cfg: TrainConfig) -> list[str]:
     actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
     problems = []
-    if actor.policy_loss in ("gspo", "gspo_token") and actor.loss_agg_mode == "seq-mean-token-sum":
-        problems.append(
-            f"actor_rollout_ref.actor.policy_loss={actor.policy_loss} with loss_agg_mode=seq-mean-token-sum "
-            "makes the loss scale with response length (it explodes); use seq-mean-token-mean"
-        )
     repeat = cfg.critic.teacher_repeat
     if repeat and rollout.n % repeat:
         problems.append(f"critic.teacher_repeat={repeat} must divide actor_rollout_ref.rollout.n={rollout.n} "

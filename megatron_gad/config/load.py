@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import yaml
 from megatron_gad.config.checks import merge_actor_keys, resolve_defaults, validate_config
 from megatron_gad.config.fields import ConfigError, check_override_path, flat_keys, from_dict, set_in, to_dict
 from megatron_gad.config.schema import TrainConfig
+from megatron_gad.io import atomic_write_text
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -97,12 +96,4 @@ def save_resolved(cfg: TrainConfig, path: str) -> None:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(format_config(cfg))
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(target, format_config(cfg))

@@ -1,8 +1,8 @@
-"""The training config tree: one dataclass per section, with the design's key names.
+"""The training config tree: one dataclass per section, in verl's section layout.
 
 Root sections: ``data``, ``algorithm``, ``actor_rollout_ref`` (``model``, ``actor``, ``rollout``,
 ``ref``, ``megatron``), ``critic``, ``trainer``, ``custom_reward_function``. Every field carries a
-docstring; defaults are the design's (and verl's where the design is silent). Sections owned by
+docstring saying what it sets and what its default means. Sections owned by
 components are the components' own dataclasses: ``data`` (:mod:`megatron_gad.data.config`),
 ``actor_rollout_ref.actor`` (:mod:`megatron_gad.engine.config`), ``actor_rollout_ref.rollout``
 (:mod:`megatron_gad.rollout.base`), ``*.optim`` (:mod:`megatron_gad.models.build`). The sections
@@ -20,20 +20,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_gad.data.config import DataConfig
-from megatron_gad.engine.config import ActorConfig, CriticLossConfig
+from megatron_gad.engine.config import ActorConfig, CriticLossConfig, choices
 from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.rollout.base import RolloutConfig
 
 LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
 
-#: The keys seed.md places directly under ``actor_rollout_ref`` that verl keeps in ``actor``.
+#: The keys accepted directly under ``actor_rollout_ref`` as well as in ``actor`` (verl's place);
+#: :func:`megatron_gad.config.checks.merge_actor_keys` reconciles the two.
 ACTOR_KEYS_AT_TOP: tuple[str, ...] = ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "ppo_epochs")
-
-
-def choices(options: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Field metadata restricting a str (or list[str]) field to ``options``."""
-    return {"choices": options}
 
 
 @dataclass
@@ -111,7 +107,7 @@ class ActorRolloutRefConfig:
     """``actor_rollout_ref``: the student policy, its rollout engine and its reference copy.
 
     ``ppo_mini_batch_size``, ``ppo_micro_batch_size_per_gpu`` and ``ppo_epochs`` may be given here
-    (the design's place) or under ``actor`` (verl's place). A value from the command line beats
+    or under ``actor`` (verl's place). A value from the command line beats
     one from YAML; between two places in the same source, THIS place wins (no silent mix: a
     conflict with different values is an error). After loading both places hold the value in force.
     """
@@ -127,14 +123,14 @@ class ActorRolloutRefConfig:
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
     """Parallel layout of the actor (the reference model shares it)."""
     ppo_mini_batch_size: int | None = None
-    """Design's place for ``actor.ppo_mini_batch_size`` (PROMPTS per optimizer step)."""
+    """Same as ``actor.ppo_mini_batch_size`` (PROMPTS per optimizer step)."""
     ppo_micro_batch_size_per_gpu: int | None = None
-    """Design's place for ``actor.ppo_micro_batch_size_per_gpu`` (SEQUENCES per micro-batch)."""
+    """Same as ``actor.ppo_micro_batch_size_per_gpu`` (SEQUENCES per micro-batch)."""
     ppo_epochs: int | None = None
-    """Design's place for ``actor.ppo_epochs``."""
+    """Same as ``actor.ppo_epochs``."""
 
     def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where.<key>`` for a design-place batch key below 1."""
+        """Raise ValueError naming ``where.<key>`` for one of these batch keys below 1."""
         for key in ACTOR_KEYS_AT_TOP:
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -189,7 +185,8 @@ class TrainerConfig:
     total_training_steps: int | None = None
     """Cap on the number of steps (None: ``total_epochs`` decides)."""
     critic_warmup: int = 0
-    """Steps 0..critic_warmup-1 train only the critic; the actor updates from this step on."""
+    """Critic-only steps after the generator warmup (none: right after it); the actor's policy
+    update starts at step ``generator warmup steps + critic_warmup``."""
     generator_warmup_steps: int = 0
     """Steps of generator SFT on teacher responses (critic trained alongside) before GAD."""
     generator_warmup_epochs: int = 0

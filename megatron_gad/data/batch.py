@@ -1,8 +1,8 @@
 """Typed prompt batches: the training mode is decided once, where the data enters, and carried here.
 
 A :class:`PromptBatch` holds B prompts, left-padded to ``max_prompt_length`` (P), and in GAD mode
-the teacher responses, right-padded to ``max_response_length`` (R), joined to the prompts as the
-design specifies. Masks are built from token counts, never by comparing with the pad id (which
+the teacher responses, right-padded to ``max_response_length`` (R) and appended to the padded
+prompts. Masks are built from token counts, never by comparing with the pad id (which
 may equal EOS). Downstream code branches on ``batch.mode``, never on which keys exist.
 """
 
@@ -160,8 +160,8 @@ class PromptBatch:
         """Each row ``n`` times consecutively (row0 x n, row1 x n, ...) -> ``n * B`` rows.
 
         The teacher data is repeated alongside; ``group_index`` keeps each prompt's group and
-        ``repeat_index`` numbers the copies 0..n-1 (so GRPO groups and the design's
-        ``teacher_repeat`` diagnostic can be read off the batch).
+        ``repeat_index`` numbers the copies 0..n-1 (so GRPO groups and the
+        ``critic.teacher_repeat`` diagnostic can be read off the batch).
         """
         if n < 1:
             raise ValueError(f"repeat(n) needs n >= 1, got {n}")
@@ -169,15 +169,6 @@ class PromptBatch:
         copy = torch.arange(n, dtype=torch.long).repeat(len(self)).to(out.repeat_index.device)
         out.repeat_index = out.repeat_index * n + copy
         return out
-
-    def to(self, device: torch.device | str) -> "PromptBatch":
-        """The same batch with every tensor on ``device``."""
-        updates = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **updates)
 
 
 def collate_rows(

@@ -1,4 +1,4 @@
-"""``DataConfig``: the ``data`` section of the training config (the design's key names)."""
+"""``DataConfig``: the ``data`` section of the training config."""
 
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)
     """Parquet file(s) of validation prompts (empty: no validation)."""
     prompt_key: str = "prompt"
-    """Column holding the prompt as chat messages ``[{role, content}, ...]`` (the design's
-    examples use ``content``)."""
+    """Column holding the prompt as chat messages ``[{role, content}, ...]``."""
     teacher_response_key: str = "teacher_response"
     """Column holding the teacher's response text. Present on every row: GAD mode; on none:
     standard mode; on some only: an error unless ``drop_rows_without_teacher``."""

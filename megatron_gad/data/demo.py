@@ -40,10 +40,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megatron_gad.errors import UserError
+from megatron_gad.io import replace_dir
+
 DEMO_DATA_SOURCE = "demo_arith"
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
 DEFAULT_SEED = 1
+
+
+
+class DemoAssetsError(UserError, ValueError):
+    """The demo asset directory cannot be written (a directory that is not a demo set is in the way)."""
+
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -316,22 +325,18 @@ def generate_demo_assets(
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``. An existing demo set in ``out`` is moved aside, then deleted.
 
-    A non-empty ``out`` that is not a demo set is never deleted (ValueError). When another
+    A non-empty ``out`` that is not a demo set is never deleted (DemoAssetsError). When another
     process renamed its complete set into ``out`` first, that set is kept and ``tmp`` dropped.
     """
-    old = None
-    if out.exists():
-        if read_manifest(out) is None and any(out.iterdir()):
-            raise ValueError(f"{out} exists and is not a demo asset directory; refusing to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
+    if out.exists() and read_manifest(out) is None and any(out.iterdir()):
+        raise DemoAssetsError(f"{out} exists and is not a demo asset directory; refusing to replace it")
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        os.replace(tmp, out)
+        replace_dir(tmp, out, aside)
     except OSError:
         if read_manifest(out) is None:
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

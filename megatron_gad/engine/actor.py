@@ -23,6 +23,9 @@ from megatron_gad.models.actor import build_actor
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.models.transformer import ModelArgs
 
+#: Shuffle seed of epoch e of the update at step s: s * _SHUFFLE_SEEDS_PER_STEP + e (distinct for
+#: every (step, epoch) while ppo_epochs < _SHUFFLE_SEEDS_PER_STEP).
+_SHUFFLE_SEEDS_PER_STEP = 1000
 _POLICY_METRICS = ("actor/pg_loss", "actor/entropy", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
 
 
@@ -73,7 +76,7 @@ class ActorEngine(RoleEngine):
         size = mini_batch_size or batch.rows
         results = []
         for epoch in range(self.settings.ppo_epochs):
-            rows = shuffled(batch, shuffle_seed * 1000 + epoch) if self.settings.shuffle else batch
+            rows = shuffled(batch, shuffle_seed * _SHUFFLE_SEEDS_PER_STEP + epoch) if self.settings.shuffle else batch
             for mini in split_rows(rows, size, "actor mini-batch size (local sequences)"):
                 results.append(self._policy_step(mini, temperature))
         return mean_metrics(results)

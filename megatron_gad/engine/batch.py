@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -161,26 +161,27 @@ def model_inputs(batch: object) -> tuple[Tensor, Tensor, Tensor]:
     return batch.input_ids, batch.position_ids, batch.attention_mask
 
 
-def _map_rows(batch: B, fn) -> B:
+def _map_tensors(batch: B, fn: Callable[[Tensor], Tensor]) -> B:
+    """A batch of the same type with ``fn`` applied to every tensor field (nested batches recursed)."""
     values = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
         if isinstance(value, Tensor):
             value = fn(value)
         elif dataclasses.is_dataclass(value):
-            value = _map_rows(value, fn)
+            value = _map_tensors(value, fn)
         values[f.name] = value
     return type(batch)(**values)
 
 
 def slice_rows(batch: B, start: int, stop: int) -> B:
     """Rows ``[start, stop)`` of any batch above (tensor fields sliced, nested batches recursed)."""
-    return _map_rows(batch, lambda t: t[start:stop])
+    return _map_tensors(batch, lambda t: t[start:stop])
 
 
 def take_rows(batch: B, index: Tensor) -> B:
     """The rows ``index`` (int64 ``[k]``) of any batch above, in that order."""
-    return _map_rows(batch, lambda t: t[index.to(t.device)])
+    return _map_tensors(batch, lambda t: t[index.to(t.device)])
 
 
 def shuffled(batch: B, seed: int) -> B:
@@ -200,12 +201,4 @@ def split_rows(batch: B, size: int, what: str) -> list[B]:
 
 def to_device(batch: B, device: torch.device) -> B:
     """Move every tensor of a batch to ``device`` (no copy when already there)."""
-    values = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor):
-            value = value.to(device, non_blocking=True)
-        elif dataclasses.is_dataclass(value):
-            value = to_device(value, device)
-        values[f.name] = value
-    return type(batch)(**values)
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))

@@ -1,4 +1,4 @@
-"""Settings of the actor and critic engines, with the design's key names.
+"""Settings of the actor and critic training engines (the ``actor_rollout_ref.actor`` and ``critic`` keys).
 
 ``ActorConfig`` is the ``actor_rollout_ref.actor`` section of the training config;
 ``CriticLossConfig`` holds the fields of the ``critic`` section that the critic engine reads.
@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_gad.losses import KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_MODES, check_choice
+from megatron_gad.losses.policy import check_dual_clip, check_policy_aggregation
 from megatron_gad.models.build import OptimConfig
 
 
-def choices(values: tuple[str, ...]) -> dict:
-    """Field metadata listing the valid names (read by the config loader's validation)."""
+def choices(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Field metadata restricting a str (or list[str]) field to ``values`` (checked by the config
+    loader, :mod:`megatron_gad.config.fields`, which names the valid choices)."""
     return {"choices": values}
 
 
@@ -70,9 +72,9 @@ class ActorConfig:
         check_choice(f"{where}.policy_loss", self.policy_loss, POLICY_LOSS_MODES)
         check_choice(f"{where}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         check_choice(f"{where}.kl_loss_type", self.kl_loss_type, KL_KINDS)
-        if self.policy_loss != "ppo" and self.loss_agg_mode == "seq-mean-token-sum":
-            raise ValueError(f"{where}.loss_agg_mode=seq-mean-token-sum is invalid with policy_loss="
-                             f"{self.policy_loss} (scales each sequence loss by its length); use seq-mean-token-mean")
+        check_policy_aggregation(self.policy_loss, self.loss_agg_mode, where)
+        if self.policy_loss == "ppo":  # the GSPO modes have no dual clip
+            check_dual_clip(self.clip_ratio_c, where)
         for name in ("clip_low", "clip_high"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.clip_ratio_{name[5:]} must be >= 0, got {getattr(self, name)}")

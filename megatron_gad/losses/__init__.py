@@ -3,7 +3,7 @@
 The engines plug these into Megatron's ``forward_step -> (output, loss_func)`` contract. Under
 micro-batching or data parallelism pass ``normalizer`` = the global count from
 ``agg_normalizer`` (summed over all pieces of the mini-batch); see ``policy.py``.
-Entropy is aggregated with ``entropy_loss`` (an alias of ``agg_loss``).
+The entropy bonus is aggregated with ``agg_loss`` like the policy loss.
 """
 
 from megatron_gad.losses.advantages import gae_advantages, grpo_advantages, masked_whiten
@@ -15,7 +15,6 @@ from megatron_gad.losses.policy import (
     agg_loss,
     agg_normalizer,
     check_choice,
-    entropy_loss,
     kl_penalty,
     masked_mean,
     policy_loss,
@@ -31,7 +30,6 @@ __all__ = [
     "discriminator_accuracy",
     "discriminator_half_points",
     "discriminator_loss",
-    "entropy_loss",
     "gae_advantages",
     "grpo_advantages",
     "kl_penalty",

@@ -47,6 +47,24 @@ def check_choice(what: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid values: {', '.join(valid)}")
 
 
+def check_policy_aggregation(mode: str, loss_agg_mode: str, where: str = "") -> None:
+    """Raise ``ValueError`` for a GSPO mode with ``seq-mean-token-sum``: that aggregation
+    multiplies each sequence loss by its length (the "exploding GSPO loss"). ``where``: the config
+    section the two keys sit in, for the message."""
+    if mode != "ppo" and loss_agg_mode == "seq-mean-token-sum":
+        at = f"{where}." if where else ""
+        raise ValueError(f"{at}loss_agg_mode=seq-mean-token-sum is invalid with {at}policy_loss={mode} "
+                         "(it scales each sequence loss by its length); use seq-mean-token-mean")
+
+
+def check_dual_clip(clip_ratio_c: float, where: str = "") -> None:
+    """Raise ``ValueError`` unless the dual-clip constant ``clip_ratio_c`` is > 1 (``where``: the
+    config section of the key, for the message)."""
+    if clip_ratio_c <= 1.0:
+        at = f"{where}." if where else ""
+        raise ValueError(f"{at}clip_ratio_c must be > 1.0 for dual clip, got {clip_ratio_c}")
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over the positions where ``mask`` is set (any matching shape).
 
@@ -106,12 +124,6 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, normalizer: Normalizer =
     return numerator / _denominator(local, normalizer, loss_mat)
 
 
-def entropy_loss(entropy: Tensor, mask: Tensor, loss_agg_mode: str,
-                 normalizer: Normalizer = None) -> Tensor:
-    """Aggregate per-token ``entropy`` ``[B, T]`` exactly like ``agg_loss`` (same modes/normaliser)."""
-    return agg_loss(entropy, mask, loss_agg_mode, normalizer)
-
-
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, kind: str) -> Tensor:
     """Per-token KL estimate between the policy and a reference model, shape of ``log_prob``.
 
@@ -153,8 +165,7 @@ def _ppo(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, mask: Tensor, low:
     loss_mat, clipped = _clipped_pg(torch.exp(log_ratio), adv, low, high)
     lower = torch.zeros_like(clipped)
     if clip_ratio_c is not None:
-        if clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1.0 for dual clip, got {clip_ratio_c}")
+        check_dual_clip(clip_ratio_c)
         cap = -adv * clip_ratio_c
         negative = adv < 0
         lower = negative & (loss_mat > cap)
@@ -216,10 +227,7 @@ def policy_loss(mode: str, log_prob: Tensor, old_log_prob: Tensor, advantages: T
     """
     check_choice("policy loss mode", mode, POLICY_LOSS_MODES)
     check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
-    if mode != "ppo" and loss_agg_mode == "seq-mean-token-sum":
-        raise ValueError(f"policy loss mode {mode!r} must not use loss_agg_mode "
-                         "'seq-mean-token-sum' (it scales each sequence loss by its length); "
-                         "use 'seq-mean-token-mean'")
+    check_policy_aggregation(mode, loss_agg_mode)
     mask = response_mask.to(log_prob.dtype)
     advantages = advantages.to(log_prob.dtype)
     lower = torch.zeros_like(mask)

@@ -6,6 +6,10 @@ from typing import Any
 
 from megatron_gad.models.transformer import ModelArgs, layer_spec
 
+#: GPTModel's own default ``rope_scaling_factor``: passed when the HF config has no RoPE scaling,
+#: where ``rope_scaling=False`` leaves it unused.
+_UNUSED_ROPE_SCALING_FACTOR = 8.0
+
 
 def gpt_stage(config: Any, args: ModelArgs, pre_process: bool, post_process: bool, output_layer: bool):
     """This stage's ``GPTModel`` (the actor's, or the critic's trunk with ``output_layer=False``:
@@ -24,7 +28,7 @@ def gpt_stage(config: Any, args: ModelArgs, pre_process: bool, post_process: boo
         position_embedding_type="rope",
         rotary_base=int(args.rotary_base),
         rope_scaling=args.rope_scaling_factor is not None,
-        rope_scaling_factor=args.rope_scaling_factor or 8.0,
+        rope_scaling_factor=args.rope_scaling_factor or _UNUSED_ROPE_SCALING_FACTOR,
     )
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron_gad.data.batch import position_ids_from_mask
+
+__all__ = ["attention_mask_4d", "position_ids_from_mask"]
+
 
 def attention_mask_4d(attention_mask: Tensor) -> Tensor:
     """Megatron boolean attention mask ``[B, 1, S, S]`` (True = do not attend) from a 0/1 token
@@ -14,8 +18,3 @@ def attention_mask_4d(attention_mask: Tensor) -> Tensor:
     causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
     keys = attention_mask.bool()[:, None, None, :]
     return ~(causal[None, None] & keys)
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids ``[B, S]`` counting valid tokens only (left padding gets 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

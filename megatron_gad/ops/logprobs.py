@@ -121,19 +121,3 @@ def vocab_parallel_log_probs_and_entropy(
     """
     vocab = _check(logits, temperature, vocab_size)
     return _LogProbEntropy.apply(logits, labels, float(temperature), vocab)
-
-
-def vocab_parallel_log_probs(
-    logits: Tensor, labels: Tensor, temperature: float = 1.0, vocab_size: int | None = None
-) -> Tensor:
-    """log p(labels) ``[B, S]`` fp32 (see :func:`vocab_parallel_log_probs_and_entropy`)."""
-    return vocab_parallel_log_probs_and_entropy(logits, labels, temperature, vocab_size)[0]
-
-
-def vocab_parallel_entropy(logits: Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> Tensor:
-    """Entropy of softmax(logits / T) over the real vocabulary, ``[B, S]`` fp32; differentiable.
-
-    Ranks: every TP rank of the last pipeline stage (see the module docstring).
-    """
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return vocab_parallel_log_probs_and_entropy(logits, labels, temperature, vocab_size)[1]

@@ -22,6 +22,10 @@ from torch import Tensor
 
 from megatron_gad.errors import UserError
 
+#: Default weight-sync bucket: the most bytes of HF tensors gathered and sent at once (the
+#: exporter's memory bound per rank). Also the bucket of the HF export of a live model.
+DEFAULT_BUCKET_BYTES = 512 * 1024**2
+
 #: One bucket of exported weights: HF parameter names and full tensors in the inference dtype.
 WeightBucket = list[tuple[str, Tensor]]
 
@@ -69,7 +73,7 @@ class RolloutConfig:
     """vLLM: most sequences decoded together."""
     seed: int = 0
     """Base seed of the sampler (each ``generate`` call may pass its own)."""
-    bucket_bytes: int = 512 * 1024**2
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     """Weight-sync bucket size in bytes (see :class:`megatron_gad.rollout.weight_export.WeightExporter`)."""
 
     def validate(self, where: str = "actor_rollout_ref.rollout") -> None:

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from megatron_gad.data.batch import position_ids_from_mask
 from megatron_gad.rollout.base import (
     ModelDivergedError,
     RolloutConfig,
@@ -103,7 +104,7 @@ class CPURolloutEngine(RolloutEngine):
         valid tokens (T where no EOS was sampled)."""
         rows, limit = ids.shape[0], self.cfg.response_length
         eos = torch.tensor(self.tokens.eos_token_ids, device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         cache, logits = self._cache_of(out), out.logits[:, -1, : self.vocab_size]
         next_pos = positions[:, -1:] + 1

@@ -31,12 +31,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_gad.models import sharding
-from megatron_gad.rollout.base import ModelDivergedError, WeightBucket
+from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES, ModelDivergedError, WeightBucket
 
 #: ``convert(global_megatron_name, full_tensor, hf_config, role) -> [(hf_name, tensor), ...]``
 Converter = Callable[[str, Tensor, Any, str], list[tuple[str, Tensor]]]
-
-DEFAULT_BUCKET_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)

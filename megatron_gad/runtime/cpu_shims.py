@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from megatron_gad.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: megatron-core releases these shims were written and tested against.
@@ -26,7 +28,7 @@ SUPPORTED_MEGATRON_VERSIONS = ("0.16.1",)
 _applied = False
 
 
-class CpuShimError(RuntimeError):
+class CpuShimError(UserError, RuntimeError):
     """Raised when the shims cannot be applied safely (unknown megatron-core version)."""
 
 
@@ -168,8 +170,3 @@ def apply() -> bool:
     _applied = True
     logger.debug("megatron-core %s CPU shims applied", version)
     return True
-
-
-def active() -> bool:
-    """True when the CPU shims are in force in this process."""
-    return _applied

@@ -17,7 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_gad.errors import UserError
 from megatron_gad.runtime import cpu_shims
+
+
+class ParallelLayoutError(UserError, ValueError):
+    """TP x PP does not divide the number of processes started."""
 
 
 @dataclass(frozen=True)
@@ -32,15 +37,6 @@ class ParallelInfo:
     tp_rank: int
     pp_rank: int
     dp_rank: int
-    device: torch.device
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
 
 def device() -> torch.device:
@@ -77,7 +73,7 @@ def init_distributed(
         )
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
-        raise ValueError(
+        raise ParallelLayoutError(
             f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} must divide "
             f"the world size {world}"
         )
@@ -103,7 +99,6 @@ def parallel_info() -> ParallelInfo:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
-        device=device(),
     )
 
 

@@ -89,7 +89,14 @@ def test_algorithm_combinations() -> None:
         msg = _fails("seq-mean-token-sum", f"actor_rollout_ref.actor.policy_loss={mode}",
                      "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
         assert f"policy_loss={mode}" in msg and "use seq-mean-token-mean" in msg
+        # the one rule (megatron_gad.losses.policy.check_policy_aggregation), named by its section
+        assert (f"actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum is invalid with "
+                f"actor_rollout_ref.actor.policy_loss={mode}") in msg, msg
     _load("actor_rollout_ref.actor.policy_loss=ppo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum")
+    # PPO's dual-clip constant is checked when the config loads, not at the first policy update
+    _fails("actor_rollout_ref.actor.clip_ratio_c must be > 1.0 for dual clip, got 0.5",
+           "actor_rollout_ref.actor.policy_loss=ppo", "actor_rollout_ref.actor.clip_ratio_c=0.5")
+    _load("actor_rollout_ref.actor.policy_loss=gspo", "actor_rollout_ref.actor.clip_ratio_c=0.5")  # unused by GSPO
 
 
 def test_trainer_checks(tmp_path: Path) -> None:

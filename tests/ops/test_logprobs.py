@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_gad.ops import vocab_parallel_entropy, vocab_parallel_log_probs, vocab_parallel_log_probs_and_entropy
+from megatron_gad.ops import vocab_parallel_log_probs_and_entropy
 from megatron_gad.runtime.spawn import run_distributed
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,8 +75,7 @@ def test_single_process_without_parallel_state_and_bf16() -> None:
     ref = reference(x)
     check(shard_run_local(x, torch.float32), ref, "local fp32")
     logits = x["logits"].to(torch.bfloat16).requires_grad_(True)
-    log_prob = vocab_parallel_log_probs(logits, x["labels"], TEMP, VOCAB)
-    entropy = vocab_parallel_entropy(logits, TEMP, VOCAB)
+    log_prob, entropy = vocab_parallel_log_probs_and_entropy(logits, x["labels"], TEMP, VOCAB)
     assert log_prob.dtype == torch.float32 and entropy.dtype == torch.float32
     (log_prob.sum() + entropy.sum()).backward()
     assert logits.grad.dtype == torch.bfloat16
@@ -95,11 +94,11 @@ def test_entropy_only_gradient_and_errors() -> None:
     x = make_inputs()
     logits = x["logits"].clone().requires_grad_(True)
     ref_logits = x["logits"].clone().requires_grad_(True)
-    vocab_parallel_entropy(logits.float(), TEMP, VOCAB).sum().backward()
+    vocab_parallel_log_probs_and_entropy(logits.float(), x["labels"], TEMP, VOCAB)[1].sum().backward()
     logp_all = torch.log_softmax(ref_logits[..., :VOCAB] / TEMP, dim=-1)
     (-(logp_all.exp() * logp_all).sum(-1)).sum().backward()
     assert (logits.grad - ref_logits.grad).abs().max() < 2e-5
     with pytest.raises(ValueError, match="temperature"):
-        vocab_parallel_log_probs(x["logits"], x["labels"], 0.0, VOCAB)
+        vocab_parallel_log_probs_and_entropy(x["logits"], x["labels"], 0.0, VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):
-        vocab_parallel_log_probs(x["logits"], x["labels"], 1.0, PADDED + 1)
+        vocab_parallel_log_probs_and_entropy(x["logits"], x["labels"], 1.0, PADDED + 1)

@@ -29,17 +29,23 @@ def tiny_llama():
     )
 
 
-def test_engine_selection_and_clear_error_without_vllm() -> None:
-    assert resolve_engine_name(RolloutConfig(name="cpu")) == "cpu"
+def test_engine_selection_follows_vllm_availability() -> None:
+    """``name=cpu`` is always the CPU engine; ``auto`` is vLLM exactly where it can run."""
     reason = vllm_unavailable_reason()
-    if reason is None:
-        assert resolve_engine_name(RolloutConfig()) == "vllm"
-        return
-    assert resolve_engine_name(RolloutConfig()) == "cpu"
-    with pytest.raises(RolloutConfigError, match="rollout.name=vllm cannot run here"):
-        make_rollout_engine(RolloutConfig(name="vllm"), tiny_llama(), TokenSpec(PAD, (EOS,)))
+    assert resolve_engine_name(RolloutConfig(name="cpu")) == "cpu"
+    assert resolve_engine_name(RolloutConfig()) == ("vllm" if reason is None else "cpu")
     with pytest.raises(RolloutConfigError, match=r"actor_rollout_ref.rollout.top_p must be in \(0, 1\]"):
         RolloutConfig(top_p=0.0).validate()
+    engine = make_rollout_engine(RolloutConfig(name="cpu"), tiny_llama(), TokenSpec(PAD, (EOS,)))
+    assert type(engine).__name__ == "CPURolloutEngine"
+
+
+def test_clear_error_without_vllm() -> None:
+    """Where vLLM cannot run, ``name=vllm`` is refused naming the key, and ``auto`` builds the CPU engine."""
+    if vllm_unavailable_reason() is None:
+        pytest.skip("vLLM can run here: the refusal cannot happen")
+    with pytest.raises(RolloutConfigError, match="rollout.name=vllm cannot run here"):
+        make_rollout_engine(RolloutConfig(name="vllm"), tiny_llama(), TokenSpec(PAD, (EOS,)))
     engine = make_rollout_engine(RolloutConfig(), tiny_llama(), TokenSpec(PAD, (EOS,)))
     assert type(engine).__name__ == "CPURolloutEngine"
 
