@@ -17,6 +17,10 @@
 #   scripts/gpu_check.sh --dry-run       the same code on the CPU with tiny shapes (CI runs this).
 #
 # Extra arguments after the mode are passed to scripts/gpu_check.py (see its --help).
+#
+# From a session with the device tool: `scripts/gpu_check.sh --prepare wheels` here (wheels/ is
+# git-ignored), then run the check there with carry=["wheels"] and the command
+# `scripts/gpu_check.sh`; the table is in the output, gpu_check.json / gpu_check.txt under $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # $PYTHON if set; else the project's .venv for --dry-run / --prepare (scripts/setup.sh makes it), python3 on
@@ -30,9 +34,9 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Wheels the GPU machine does not come with (it has torch, transformers and their dependencies:
-# numpy, safetensors, tokenizers, PyYAML, tqdm, packaging). Pure-Python ones are tiny; pyarrow is
+# numpy, safetensors, tokenizers, PyYAML, tqdm). Pure-Python ones are tiny; pyarrow is
 # the one large wheel (the parquet reader of the demo data), installed only where it is missing.
-PREPARE_WHEELS=(megatron-core==0.16.1 einops psutil pyarrow pytest pytest-timeout pluggy iniconfig)
+PREPARE_WHEELS=(megatron-core==0.16.1 einops psutil pyarrow pytest pytest-timeout pluggy iniconfig pygments packaging)
 LIMIT_BYTES=$((64 * 1024 * 1024))
 
 prepare() {
@@ -63,7 +67,8 @@ install_wheels() {
   echo "[gpu_check] installing from $dir (offline; what the machine already has is kept)"
   # --no-index: nothing is downloaded; pip resolves against the machine's packages and DIR only,
   # so the preinstalled torch and transformers stay as they are.
-  "$PYTHON" -m pip install -q --no-index --find-links "$dir" "megatron_gad[test]" || {
+  # the GPU machine is disposable: allow installing into its system Python (PEP 668)
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$PYTHON" -m pip install -q --no-index --find-links "$dir" "megatron_gad[test]" || {
     echo "[gpu_check] error: offline install from $dir failed (a dependency missing from the wheels?)" >&2
     exit 2
   }
