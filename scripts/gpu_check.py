@@ -86,7 +86,7 @@ def run_gpu_tests(dry_run: bool, timeout_s: int) -> dict:
             result["error"] = (proc.stdout + proc.stderr)[-2000:]
             return result
         for case in ET.parse(xml).getroot().iter("testcase"):
-            name = f"{case.get('classname', '')}::{case.get('name', '')}".split("tests.")[-1]
+            name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name', '')}"
             skipped, failed = case.find("skipped"), case.find("failure") or case.find("error")
             if skipped is not None:
                 result["skipped"].append({"test": name, "reason": skipped.get("message", "")})
@@ -277,9 +277,9 @@ def table(report: dict) -> str:
         lines.append(("tests", "pytest -m gpu", f"{len(t['passed'])} passed, {len(t['failed'])} failed, "
                       f"{len(t['skipped'])} skipped ({t['seconds']:.0f} s, rc {t['rc']})"))
         for s in t["skipped"]:
-            lines.append(("tests", f"skip {s['test'][-60:]}", s["reason"][:90]))
+            lines.append(("tests", f"skip {s['test']}", s["reason"][:90]))
         for s in t["failed"]:
-            lines.append(("tests", f"FAIL {s['test'][-60:]}", s["message"][:90]))
+            lines.append(("tests", f"FAIL {s['test']}", s["message"][:90]))
         if "error" in t:
             lines.append(("tests", "ERROR", t["error"].strip().splitlines()[-1][:120]))
     for r in report.get("train", []):
