@@ -87,7 +87,8 @@ def run_gpu_tests(dry_run: bool, timeout_s: int) -> dict:
             return result
         for case in ET.parse(xml).getroot().iter("testcase"):
             name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name', '')}"
-            skipped, failed = case.find("skipped"), case.find("failure") or case.find("error")
+            skipped = case.find("skipped")
+            failed = case.find("failure") if case.find("failure") is not None else case.find("error")
             if skipped is not None:
                 result["skipped"].append({"test": name, "reason": skipped.get("message", "")})
             elif failed is not None:
@@ -273,7 +274,7 @@ def table(report: dict) -> str:
     lines.append(("env", "packages", f"megatron-core {env['megatron-core']}, transformers {env['transformers']}, "
                   f"vllm {env['vllm']}, TE {env['transformer-engine']}"))
     t = report.get("tests")
-    if t:
+    if t:  # None when the section raised (see "errors")
         lines.append(("tests", "pytest -m gpu", f"{len(t['passed'])} passed, {len(t['failed'])} failed, "
                       f"{len(t['skipped'])} skipped ({t['seconds']:.0f} s, rc {t['rc']})"))
         for s in t["skipped"]:
@@ -291,7 +292,8 @@ def table(report: dict) -> str:
     d = report.get("demo")
     if d:
         if d["rc"] != 0:
-            lines.append(("demo", "FAILED", d.get("error", "").strip().splitlines()[-1][:120] if d.get("error") else ""))
+            last = d.get("error", "").strip().splitlines()[-1:] or [""]
+            lines.append(("demo", "FAILED", last[0][:120]))
         else:
             lines.append(("demo", "run", f"{d['steps']} steps in {d['wall_s']:.1f} s wall (incl. start-up); "
                           f"phases: mean of {d['gad_steps_timed']} GAD step(s)"))
@@ -299,11 +301,15 @@ def table(report: dict) -> str:
                 lines.append(("demo", "step (sum of phases)" if name == "step" else name, f"{sec:.3f} s"))
     e = report.get("export")
     if e:
-        lines.append(("export", "bytes", f"{e['bytes'] / 1e6:.1f} MB bf16, {e['tensors']} tensors, {e['buckets']} bucket(s)"))
+        lines.append(("export", "bytes",
+                      f"{e['bytes'] / 1e6:.1f} MB bf16, {e['tensors']} tensors, {e['buckets']} bucket(s)"))
         lines.append(("export", "export only", f"{e['export_s']:.4f} s ({e['export_gbps']:.1f} GB/s)"))
-        lines.append(("export", "export + engine load", f"{e['export_load_s']:.4f} s ({e['export_load_gbps']:.1f} GB/s)"))
+        lines.append(("export", "export + engine load",
+                      f"{e['export_load_s']:.4f} s ({e['export_load_gbps']:.1f} GB/s)"))
         lines.append(("export", "device copy, same bytes", f"{e['copy_s']:.5f} s ({e['copy_gbps']:.1f} GB/s)"))
         lines.append(("export", "export+load / copy", f"{e['export_load_over_copy']:.1f}x"))
+    for section, message in report.get("errors", {}).items():
+        lines.append((section, "ERROR", message))
     w0 = max(len(a) for a, _, _ in lines)
     w1 = max(len(b) for _, b, _ in lines)
     out = [f"{'section':<{w0}}  {'item':<{w1}}  value", "-" * (w0 + w1 + 60)]
@@ -332,17 +338,33 @@ def main(argv: list[str] | None = None) -> int:
         print("note: --dry-run on a machine with CUDA still uses the CUDA device for the model sections",
               file=sys.stderr)
     dry = args.dry_run
-    seqs = [int(s) for s in (args.seqs or ("16,32" if dry else "512,1024,2048")).split(",")]
+    try:
+        seqs = [int(s) for s in (args.seqs or ("16,32" if dry else "512,1024,2048")).split(",")]
+    except ValueError:
+        seqs = []
+    if not seqs or min(seqs) < 2 or max(seqs) > 4096:
+        parser.error(f"--seqs must be comma-separated sequence lengths in [2, 4096], got {args.seqs!r}")
     demo_steps = args.demo_steps or (3 if dry else 8)
     peak = None if dry and not torch.cuda.is_available() else (args.peak_tflops or H200_BF16_DENSE_TFLOPS)
     report: dict[str, Any] = {"dry_run": dry, "peak_tflops": peak, "env": environment(), "seconds": {}}
     started = time.perf_counter()
 
+    errors: dict[str, str] = {}
+
     def timed(name: str, fn: Any) -> Any:
+        """Run one section; a failure is recorded (the table and the JSON still come out) and
+        makes the exit status 1."""
         start = time.perf_counter()
-        value = fn()
-        report["seconds"][name] = time.perf_counter() - start
-        return value
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - one failed section must not hide the others
+            import traceback
+
+            traceback.print_exc()
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+        finally:
+            report["seconds"][name] = time.perf_counter() - start
 
     if "tests" not in skip:
         report["tests"] = timed("tests", lambda: run_gpu_tests(dry, timeout_s=240))
@@ -358,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         tokens = 256 if dry else 32768
         micro_tokens = 64 if dry else 8192
         steps = 1 if dry else 3
-        train_rows, engine = timed("train", lambda: run_train(hf, seqs, tokens, micro_tokens, steps, peak))
-        if "train" not in skip:
-            report["train"] = train_rows
-        if "export" not in skip:
-            report["export"] = timed("export", lambda: run_export(engine, hf, repeats=2 if dry else 3))
-        del engine
+        trained = timed("train", lambda: run_train(hf, seqs, tokens, micro_tokens, steps, peak))
+        if trained is not None:
+            train_rows, engine = trained
+            if "train" not in skip:
+                report["train"] = train_rows
+            if "export" not in skip:
+                report["export"] = timed("export", lambda: run_export(engine, hf, repeats=2 if dry else 3))
+            del engine
         destroy_distributed()
+    report["errors"] = errors
     report["seconds"]["total"] = time.perf_counter() - started
     text = table(report)
     print(text)
@@ -377,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(report, f, indent=1, default=str)
         with open(os.path.join(out_dir, "gpu_check.txt"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    failed = (report.get("tests") and not report["tests"].get("ok")) or (report.get("demo") and report["demo"]["rc"])
+    failed = bool(errors) or (report.get("tests") and not report["tests"].get("ok")) or (
+        report.get("demo") and report["demo"]["rc"])
     return 1 if failed else 0
 
 
