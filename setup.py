@@ -30,7 +30,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "vllm": ["vllm>=0.10.2,<0.12"],
+        "vllm": ["vllm>=0.10.2,<0.34"],  # every release in the range checked: rollout/vllm_engine.py
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

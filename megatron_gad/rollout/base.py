@@ -189,7 +189,8 @@ def make_rollout_engine(cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec) -
     """Build the engine ``cfg.name`` selects for the actor described by ``hf_config``.
 
     The engine starts with placeholder weights: call ``load_weights`` with the exporter's buckets
-    before generating. Called only on ranks that own an engine.
+    before generating. Called only on ranks that own an engine. The built-in engine (``cpu``)
+    runs on this rank's device (its GPU when CUDA is available, else the CPU).
     """
     name = resolve_engine_name(cfg)
     if name == "vllm":
@@ -197,8 +198,10 @@ def make_rollout_engine(cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec) -
 
         return VLLMRolloutEngine(cfg, hf_config, tokens)
     from megatron_gad.rollout.cpu_engine import CPURolloutEngine
+    from megatron_gad.runtime.distributed import device
 
-    return CPURolloutEngine(cfg, hf_config, tokens)
+    # the built-in engine computes where the trainer does: this rank's GPU when there is one
+    return CPURolloutEngine(cfg, hf_config, tokens, device=str(device()))
 
 
 def logprob_agreement(

@@ -1,11 +1,45 @@
 """vLLM rollout engine: ``vllm.LLM`` built from the actor's HF config with dummy weights, updated
 in place from the exporter's buckets, sleeping between rollouts.
 
-Targets vLLM 0.10.2 - 0.11.x (the V1 engine): ``LLM(load_format="dummy", enable_sleep_mode=True,
-logprobs_mode="processed_logprobs", skip_tokenizer_init=True)``, weights through
-``LLM.collective_rpc`` calling the model's own ``load_weights`` (which fuses HF q/k/v and
-gate/up and shards them over vLLM's TP), ``LLM.sleep(level=1)`` / ``LLM.wake_up()``, and
-``SamplingParams(n, temperature, top_p, top_k, max_tokens, logprobs=0, seed, stop_token_ids)``.
+Supported: vLLM 0.10.2 - 0.33.x (:data:`SUPPORTED_VLLM`; the V1 engine). Every release in that
+range on PyPI (0.10.2, 0.11.0 - 0.11.2, 0.12.0, 0.13.0, 0.14.0 - 0.14.1, ..., 0.33.0: 36
+releases, :data:`CHECKED_VLLM`) was read in its published wheel's source for each call made
+here:
+
+- construction: ``LLM(model, skip_tokenizer_init=True, load_format="dummy", dtype,
+  tensor_parallel_size, gpu_memory_utilization, max_model_len, max_num_seqs, enforce_eager,
+  enable_sleep_mode=True, logprobs_mode="processed_logprobs", generation_config="vllm",
+  worker_extension_cls=<qualified name>, seed)``; every keyword is a field of ``EngineArgs`` in
+  every release (``LLM.__init__`` forwards ``**kwargs``);
+- ``worker_extension_cls``: mixed into the worker class's bases, its methods callable by name
+  through ``LLM.collective_rpc(method, timeout=None, args=(), kwargs=None)`` (same signature
+  everywhere; the mixing lives in ``vllm/worker/worker_base.py`` up to 0.11.0 and in
+  ``vllm/v1/worker/worker_base.py`` from 0.11.1); the worker's model is ``model_runner.model``,
+  whose ``load_weights(weights)`` takes ``(hf_name, tensor)`` pairs;
+- sleep and wake: ``LLM.sleep(level)`` (level 1 offloads the weights to host memory and drops
+  the KV cache; level 2 drops both, the worker keeping only the model's buffers) and
+  ``LLM.wake_up(tags)`` with tags ``"weights"`` and ``"kv_cache"`` in every release. From 0.17.0
+  ``sleep`` takes ``mode="abort"`` too and pauses the scheduler, which resumes only once every
+  tag is awake again; up to 0.16.x the allocator re-maps whatever ``wake_up`` names even when
+  already awake. This engine therefore wakes each tag exactly once per sleep: ``weights`` before
+  a weight load, ``kv_cache`` after it (so the KV cache is not resident while buckets arrive);
+- ``logprobs_mode="processed_logprobs"``: an ``EngineArgs`` field everywhere (``LogprobsMode``
+  is an enum in 0.10.2 and a ``Literal`` from 0.11.0; both take the string). The per-step
+  log-probs are ``{token_id: Logprob}`` mappings: a list of them, or, from 0.11.1 and only when
+  asked for (``VLLM_FLAT_LOGPROBS`` in 0.11.x, ``SamplingParams.flat_logprobs`` from 0.12.0,
+  off by default), a ``FlatLogprobs`` sequence that indexes alike;
+- token prompts: ``TokensPrompt(prompt_token_ids=...)`` from ``vllm.inputs`` (defined in
+  ``vllm/inputs/data.py`` up to 0.18.x, ``vllm/inputs/llm.py`` from 0.19.0, exported from
+  ``vllm.inputs`` throughout); ``LLM.generate(prompts, sampling_params, use_tqdm=...)``;
+- ``SamplingParams(n, temperature, top_p, top_k, max_tokens, logprobs=0, seed, stop_token_ids,
+  detokenize=False)``: fields of the same meaning in every release; ``top_k=0`` disables top-k;
+- ``LLM.reset_prefix_cache()`` without arguments (its optional parameters: ``device`` up to
+  0.11.0, none in 0.11.1 - 0.11.2, ``reset_running_requests`` from 0.12.0, ``reset_connector``
+  from 0.13.0).
+
+Each vLLM release pins one torch: 0.10.2 - 0.11.0 torch 2.8.0, 0.11.1 - 0.13.0 2.9.0, 0.14.0 -
+0.16.0 2.9.1, 0.17.0 - 0.19.1 2.10.0, 0.20.0 - 0.26.0 2.11.0, 0.27.0 - 0.32.0 2.13.0, 0.33.0
+2.14.0 (``Requires-Dist`` of the wheels).
 
 ``processed_logprobs`` are the log-probs after temperature, top-k and top-p, i.e. of the
 renormalised distribution the token was sampled from, the same quantity the CPU engine returns.
@@ -44,7 +78,18 @@ from megatron_gad.rollout.base import (
     vllm_unavailable_reason,
 )
 
-SUPPORTED_VLLM = ">=0.10.2,<0.12"
+SUPPORTED_VLLM = ">=0.10.2,<0.34"
+
+#: The releases whose source was checked against this engine (every PyPI release in the range).
+CHECKED_VLLM = (
+    "0.10.2", "0.11.0", "0.11.1", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.14.1", "0.15.0", "0.15.1", "0.16.0",
+    "0.17.0", "0.17.1", "0.18.0", "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0", "0.22.0",
+    "0.22.1", "0.23.0", "0.24.0", "0.25.0", "0.25.1", "0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0",
+    "0.31.0", "0.32.0", "0.33.0",
+)
+
+#: ``LLM.sleep`` levels this engine uses (see the module docstring).
+SLEEP_LEVELS = (1, 2)
 
 
 class WeightSyncExtension:
@@ -99,7 +144,11 @@ class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec, sleep_level: int = 1,
                  in_process: bool | None = None) -> None:
         """``in_process``: run vLLM's engine core in this process (default: only in a world of
-        one with rollout TP 1, see the module docstring)."""
+        one with rollout TP 1, see the module docstring). ``sleep_level``: 1 keeps a host copy of
+        the weights while asleep; 2 keeps none (less host memory), so a weight load must follow
+        every sleep before the next generation."""
+        if sleep_level not in SLEEP_LEVELS:
+            raise RolloutConfigError(f"vllm rollout engine: sleep level {sleep_level} is not one of {SLEEP_LEVELS}")
         reason = vllm_unavailable_reason()
         if reason is not None:
             raise RolloutConfigError(f"actor_rollout_ref.rollout.name=vllm cannot run here: {reason}")
@@ -119,6 +168,8 @@ class VLLMRolloutEngine(RolloutEngine):
         with _visible_devices(None if self.in_process else _this_gpu(cfg.tensor_model_parallel_size)):
             self.llm = self._build_llm(cfg)
         self.sleeping = False
+        self._asleep: set[str] = set()  # memory tags released by the last sleep and not woken yet
+        self._weights_valid = False  # the dummy weights until the first load
 
     def _build_llm(self, cfg: RolloutConfig) -> Any:
         import vllm
@@ -142,35 +193,48 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ---------------------------------------------------------------- memory
     def sleep(self) -> None:
-        """Offload weights to CPU and drop the KV cache (level 1), freeing GPU memory for training."""
+        """Release the GPU memory of the weights and the KV cache for training (level 1: the
+        weights go to host memory; level 2: they are dropped, a weight load must follow)."""
         if self.cfg.free_cache_engine and not self.sleeping:
             self.llm.sleep(level=self.sleep_level)
             self.sleeping = True
+            self._asleep = {"weights", "kv_cache"}
+            if self.sleep_level >= 2:
+                self._weights_valid = False
+
+    def _wake_tags(self, tags: list[str]) -> None:
+        """Wake the named memory tags that are asleep, each once (see the module docstring)."""
+        todo = [t for t in tags if t in self._asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
+        self.sleeping = bool(self._asleep)
 
     def wake(self) -> None:
         """Re-allocate weights and KV cache on the GPU."""
-        if self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
+        self._wake_tags(["weights", "kv_cache"])
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, buckets: Iterable[WeightBucket]) -> None:
-        """Load HF-named buckets into the model (wakes the engine first); resets the prefix cache,
-        whose KV entries belong to the old weights."""
-        self.wake()
+        """Load HF-named buckets into the model; resets the prefix cache, whose KV entries belong
+        to the old weights. A sleeping engine wakes its weights first and its KV cache only once
+        the weights are loaded, so that the two are never resident beside the buckets at once."""
+        self._wake_tags(["weights"])
         for bucket in buckets:
             payload = bucket if self.in_process else pack_bucket(bucket)
             self.llm.collective_rpc("mgad_load_weights", args=(payload,))
             del bucket, payload
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        self._weights_valid = True
+        self._wake_tags(["kv_cache"])
         self.llm.reset_prefix_cache()
 
     # ---------------------------------------------------------------- generation
     def _sampling_params(self, n: int, greedy: bool, seed: int | None) -> Any:
         from vllm import SamplingParams
 
-        top_k = self.cfg.top_k if self.cfg.top_k > 0 else 0  # 0 disables (vLLM >= 0.10 also takes -1)
+        top_k = self.cfg.top_k if self.cfg.top_k > 0 else 0  # 0 disables top-k in every supported release
         return SamplingParams(
             n=n,
             temperature=0.0 if greedy else self.cfg.temperature,
@@ -189,10 +253,15 @@ class VLLMRolloutEngine(RolloutEngine):
     ) -> RolloutOutput:
         """Sample ``n`` responses per left-padded prompt ([B, P]). Prompt i uses seed
         ``seed + i * n`` (vLLM gives its j-th sample ``+ j``), so all rows are distinct streams."""
+        from vllm.inputs import TokensPrompt
+
+        if not self._weights_valid:
+            raise RuntimeError("vllm rollout engine: load_weights must run before generate (and after a level-2 sleep)")
+        self.wake()
         n = self.cfg.n if n is None else n
         base = self.cfg.seed if seed is None else seed
         prompts = [
-            {"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu())
+            TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu())
         ]
         params = [self._sampling_params(n, greedy, base + i * n) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -81,11 +81,33 @@ def test_bucket_packing_round_trips_bit_exact() -> None:
 def test_vllm_version_range_is_enforced() -> None:
     from megatron_gad.rollout.vllm_engine import check_vllm_version
 
-    for ok in ("0.10.2", "0.11.0", "0.11.2"):
+    for ok in ("0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.20.1", "0.33.0", "0.33.1"):
         check_vllm_version(ok)
-    for bad in ("0.9.2", "0.10.1.1", "0.12.0"):
+    for bad in ("0.9.2", "0.10.1.1", "0.34.0", "1.0.0"):
         with pytest.raises(RolloutConfigError, match=f"vllm {bad} is installed"):
             check_vllm_version(bad)
+
+
+def test_every_checked_release_is_supported_and_the_range_ends_at_the_last_checked_minor() -> None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from megatron_gad.rollout.vllm_engine import CHECKED_VLLM, SUPPORTED_VLLM
+
+    spec = SpecifierSet(SUPPORTED_VLLM)
+    versions = [Version(v) for v in CHECKED_VLLM]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert all(v in spec for v in versions)
+    first, last = versions[0], versions[-1]
+    assert Version(f"{first.major}.{first.minor}.{first.micro - 1}") not in spec if first.micro else True
+    assert Version(f"{last.major}.{last.minor + 1}.0") not in spec
+
+
+def test_invalid_sleep_level_is_refused_before_vllm_is_needed() -> None:
+    from megatron_gad.rollout.vllm_engine import VLLMRolloutEngine
+
+    with pytest.raises(RolloutConfigError, match=r"sleep level 3 is not one of \(1, 2\)"):
+        VLLMRolloutEngine(RolloutConfig(name="vllm"), tiny_llama(), TokenSpec(PAD, (EOS,)), sleep_level=3)
 
 
 gpu = pytest.mark.skipif(
@@ -95,12 +117,14 @@ gpu = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("in_process", [True, False], ids=["engine-in-process", "engine-process"])
-def test_vllm_engine_matches_transformers_and_follows_weight_updates(in_process: bool) -> None:
+@pytest.mark.parametrize("in_process,sleep_level", [(True, 1), (False, 2)],
+                         ids=["engine-in-process-sleep1", "engine-process-sleep2"])
+def test_vllm_engine_matches_transformers_and_follows_weight_updates(in_process: bool, sleep_level: int) -> None:
     """Greedy tokens equal transformers' (fp32 on both sides); processed log-probs of sampled tokens
-    agree with log_softmax(logits / T) of an HF forward; sleep/wake keeps the weights; a new
-    weight sync changes the output. Both placements of vLLM's engine core (this process, where
-    buckets pass by reference; its own process, where they travel packed)."""
+    agree with log_softmax(logits / T) of an HF forward; sleep/wake keeps the weights at level 1,
+    and at level 2 (weights dropped) a load while asleep (weights woken before the KV cache)
+    restores them; a new weight sync changes the output. Both placements of vLLM's engine core
+    (this process, where buckets pass by reference; its own process, where they travel packed)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_gad.rollout.vllm_engine import VLLMRolloutEngine
@@ -110,7 +134,7 @@ def test_vllm_engine_matches_transformers_and_follows_weight_updates(in_process:
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).cuda().eval()
     cfg = RolloutConfig(name="vllm", n=2, temperature=0.8, response_length=12, prompt_length=16, dtype="float32",
                         gpu_memory_utilization=0.3, max_num_seqs=16)
-    engine = VLLMRolloutEngine(cfg, hf_cfg, TokenSpec(PAD, (EOS,)), in_process=in_process)
+    engine = VLLMRolloutEngine(cfg, hf_cfg, TokenSpec(PAD, (EOS,)), in_process=in_process, sleep_level=sleep_level)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     engine.load_weights([named[:5], named[5:]])
     g = torch.Generator().manual_seed(0)
@@ -140,7 +164,13 @@ def test_vllm_engine_matches_transformers_and_follows_weight_updates(in_process:
         assert (got - ref).abs().max() < 2e-3, f"row {row}: max diff {(got - ref).abs().max()}"
 
     engine.sleep()
-    engine.wake()
+    if sleep_level == 1:
+        engine.wake()
+    else:
+        with pytest.raises(RuntimeError, match="load_weights must run before generate"):
+            engine.generate(ids, mask, n=1, greedy=True)
+        engine.load_weights([named])  # asleep: weights woken, loaded, then the KV cache
+        assert not engine.sleeping
     assert torch.equal(engine.generate(ids, mask, n=1, greedy=True).responses, greedy.responses)
     with torch.no_grad():
         for _, p in model.named_parameters():
