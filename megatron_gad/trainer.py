@@ -86,6 +86,7 @@ class Trainer:
         kl = cfg.algorithm.kl_ctrl
         self.kl_ctrl = KLController(kl.kl_coef, kl.type == "adaptive", kl.target_kl, kl.horizon)
         self._resume()
+        self.first_step = self.step  # where this process started (after a resume: the checkpoint's step)
         if self.c.info.rank == 0:
             save_resolved(cfg, os.path.join(cfg.trainer.default_local_dir, "config.yaml"))
         self.validate_first = self.step == 0 and self.c.val_loader is not None and cfg.trainer.val_before_train
@@ -218,12 +219,12 @@ class Trainer:
         optimizer's linear ``lr_warmup_steps`` (the actor's counted from its first policy step)."""
         t, arr = self.cfg.trainer, self.cfg.actor_rollout_ref
         if self.c.critic is not None:
-            set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step))
+            set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step, self.c.total_steps))
         if generator_warmup:
             set_lr(self.c.actor.optimizer, t.generator_warmup_lr or arr.actor.optim.lr)
         else:
             policy_start = self.step - self.phase_start()
-            set_lr(self.c.actor.optimizer, warmup_lr(arr.actor.optim, max(policy_start, 0)))
+            set_lr(self.c.actor.optimizer, warmup_lr(arr.actor.optim, max(policy_start, 0), self.c.total_steps))
 
     def phase_start(self) -> int:
         """The first step at which the actor's policy loss is used."""
@@ -268,7 +269,8 @@ class Trainer:
     def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float]) -> None:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         arr = self.cfg.actor_rollout_ref
-        exp.old_log_probs, entropy = self.c.actor.compute_log_probs(exp.student, temperature)
+        exp.old_log_probs, entropy = self.c.actor.compute_log_probs(
+            exp.student, temperature, micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu)
         agreement = logprob_agreement(exp.rollout_log_probs, exp.old_log_probs, exp.student.response_mask)
         mask = exp.student.response_mask.double()
         diff = (exp.rollout_log_probs.double() - exp.old_log_probs.double()).abs()
@@ -386,6 +388,7 @@ class Trainer:
         sums = torch.zeros(6, dtype=torch.float64)
         teacher_batches: list[PromptBatch] = []
         diverged = None
+        shown: list[dict] = []  # trainer.log_val_generations samples
         try:
             if self.weights_stale:
                 self._sync_weights()
@@ -394,9 +397,12 @@ class Trainer:
             for batch in self.c.val_loader.batches():
                 exp = self._rollout(batch, greedy=True)
                 texts = self.c.decode(exp.student.responses, exp.student.response_mask)
+                scores = None
                 if self.reward_fn is not None:
-                    sums[0] += float(score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
-                                                     extra_infos(batch)).sum())
+                    scores = score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
+                                             extra_infos(batch))
+                    sums[0] += float(scores.sum())
+                shown += val_generation_rows(batch, texts, scores, self.cfg.trainer.log_val_generations - len(shown))
                 if batch.teacher_response is not None:
                     sums[1] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
                     sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
@@ -406,6 +412,8 @@ class Trainer:
             diverged = exc
         self._release_rollout()
         self._stop_together(diverged, f"validating after step {self.step}")
+        if self.c.info.rank == 0 and self.cfg.trainer.log_val_generations:
+            log_val_generations(self.cfg.trainer.default_local_dir, self.step, shown)
         if self.cfg.trainer.teacher_forced_validation:  # Megatron passes, with the engine asleep
             sums[5] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
         totals = self.c.dp_sum(sums)
@@ -440,6 +448,34 @@ class Trainer:
         return float((log_probs * teacher.response_mask).sum())
 
 
+def val_generation_rows(batch: PromptBatch, texts: list[str], scores: torch.Tensor | None, limit: int) -> list[dict]:
+    """Up to ``limit`` rows ``{prompt, response, score[, teacher_response]}`` of a validation batch
+    (``trainer.log_val_generations``, verl's key); the prompt is its last message's text."""
+    rows = []
+    for i in range(min(max(limit, 0), len(texts))):
+        messages = batch.raw_prompt[i]
+        prompt = messages[-1].get("content", "") if messages else ""
+        row = {"prompt": prompt, "response": texts[i], "score": None if scores is None else float(scores[i])}
+        if batch.teacher_response is not None:
+            row["teacher_response"] = batch.teacher_response[i]
+        rows.append(row)
+    return rows
+
+
+def log_val_generations(run_dir: str, step: int, rows: list[dict]) -> None:
+    """Rank 0: print the validation samples and append them to ``<run_dir>/val_generations.jsonl``
+    (one JSON object per sample, with ``step``)."""
+    import json
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "val_generations.jsonl"), "a", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+            score = "n/a" if row["score"] is None else f"{row['score']:g}"
+            print(f"[megatron_gad] val sample {i} (step {step}) score={score}\n  prompt: {row['prompt']!r}\n"
+                  f"  response: {row['response']!r}", flush=True)
+
+
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Build a trainer for ``cfg``, train, and tear the process groups down."""
     from megatron_gad.runtime import destroy_distributed
@@ -448,7 +484,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     try:
         trainer = Trainer(cfg)
         metrics = trainer.fit()
-        trainer._log0(f"finished {trainer.step} steps in {time.time() - start:.0f}s")
+        resumed = f" (resumed at step {trainer.first_step}, now at {trainer.step})" if trainer.first_step else ""
+        trainer._log0(f"finished {trainer.step - trainer.first_step} steps{resumed} in {time.time() - start:.0f}s")
         return metrics
     finally:
         destroy_distributed()

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from megatron_gad.config import verl_compat
 from megatron_gad.config.checks import merge_actor_keys, resolve_defaults, validate_config
 from megatron_gad.config.fields import ConfigError, check_override_path, flat_keys, from_dict, set_in, to_dict
 from megatron_gad.config.schema import TrainConfig
@@ -67,6 +68,8 @@ def load_config(yaml_path: str | None, overrides: Sequence[str] = (), world_size
     every rank, before any process group or model exists; ``world_size`` defaults to $WORLD_SIZE.
     """
     tree = read_yaml(yaml_path) if yaml_path else {}
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    tree, overrides = verl_compat.translate(tree, overrides, world)  # verl's keys: ours, or refused
     yaml_keys = flat_keys(tree)
     cli_keys = apply_overrides(tree, overrides)
     source = f" (config file {yaml_path})" if yaml_path else ""
