@@ -91,6 +91,16 @@ def locate_safetensors(hf_dir: str) -> dict[str, str]:
     return _names_by_file(files, _open_safetensors)
 
 
+def _open_safetensors(path: str) -> Any:
+    """``safe_open(path)``; ConversionError naming the file when it is not a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise ConversionError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
 def _bin_files(hf_dir: str) -> list[str]:
     """``pytorch_model.bin``, else the ``pytorch_model-*.bin`` shards, of ``hf_dir``."""
     single = os.path.join(hf_dir, BIN_FILE)
