@@ -304,3 +304,19 @@ def test_gradient_checkpointing_changes_no_number(assets, tmp_path) -> None:
         assert set(plain) == set(recomputed)
         for key, value in plain.items():
             assert recomputed[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def test_demo_config_works_on_a_fresh_clone(tmp_path) -> None:
+    """``--config examples/configs/demo.yaml`` generates the demo assets on demand, as the run
+    without arguments does (a fresh clone has none: they are git-ignored)."""
+    clone = tmp_path / "clone"
+    shutil.copytree(os.path.join(REPO, "megatron_gad"), clone / "megatron_gad",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(REPO, "examples"), clone / "examples",
+                    ignore=shutil.ignore_patterns("__pycache__", "demo"))
+    assert not (clone / "examples" / "data" / "demo").exists()
+    proc = subprocess.run([sys.executable, str(clone / "examples" / "pretrain_gad.py"), "--check", "--config",
+                           "examples/configs/demo.yaml"], cwd=clone, capture_output=True, text=True, timeout=600,
+                          env={**ENV, "PYTHONPATH": str(clone)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checks passed" in proc.stdout and (clone / "examples" / "data" / "demo" / "manifest.json").is_file()
