@@ -70,6 +70,9 @@ FIXED: dict[str, tuple[Any, str]] = {
     "actor_rollout_ref.rollout.val_kwargs.top_k": (-1, "validation decodes greedily (no top-k sampling)"),
 }
 
+#: verl's world-size keys (checked against the run's world size, then dropped).
+WORLD_KEYS = ("trainer.n_gpus_per_node", "trainer.nnodes")
+
 #: Keys with no effect here because the behaviour is always the one verl's key asks for.
 ALWAYS_ON: dict[str, tuple[bool, str]] = {
     "data.return_raw_chat": (True, "each row keeps its prompt messages (raw_prompt) whatever the value"),
@@ -125,6 +128,7 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _get(tree: dict[str, Any], key: str) -> Any:
+    """``tree[a][b]...`` for dotted ``key``; None when absent."""
     node: Any = tree
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -134,6 +138,7 @@ def _get(tree: dict[str, Any], key: str) -> Any:
 
 
 def _is_verl_key(key: str) -> bool:
+    """Whether dotted ``key`` is one of verl's that this module handles (ours pass through)."""
     if key in RENAMED or key in FIXED or key in ALWAYS_ON or key in WORLD_KEYS:
         return True
     if key in ("trainer.resume_from_path", "trainer.device"):
@@ -144,10 +149,9 @@ def _is_verl_key(key: str) -> bool:
         key.startswith("critic.megatron.") and key.rsplit(".", 1)[-1] in _MEGATRON_FIXED)
 
 
-WORLD_KEYS = ("trainer.n_gpus_per_node", "trainer.nnodes")
-
-
 def _check_fixed(key: str, value: Any, source: str) -> None:
+    """Accept a FIXED / per-role Megatron / reward-model key at the value we behave as; else refuse
+    it in one line saying why and what is accepted."""
     if key in ALWAYS_ON:
         return
     leaf = key.rsplit(".", 1)[-1]
