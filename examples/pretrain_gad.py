@@ -17,7 +17,6 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
-DEMO_ASSETS = os.path.join(REPO, "examples", "data", "demo")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -40,7 +39,7 @@ def main(argv: list[str]) -> int:
         return launch(argv, os.path.abspath(__file__))
     config_path, overrides = parse_args(argv)
     quiet_third_party()
-    demo = is_demo_config(config_path)  # also --config examples/configs/demo.yaml: assets on demand
+    demo = is_demo_config(config_path, REPO)  # also --config examples/configs/demo.yaml: assets on demand
     if demo:
         os.chdir(REPO)  # the demo config's paths are relative to the repository root
         config_path = DEMO_CONFIG
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(config_path, overrides)
         if demo:
-            prepare_demo_assets()
+            prepare_demo_assets(REPO)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_config(cfg) if cfg.trainer.print_config else
                   f"[megatron_gad] {config_summary(cfg, int(os.environ.get('WORLD_SIZE', '1')))} "

@@ -128,13 +128,14 @@ def launch(argv: list[str], script: str) -> int:
 
     quiet_third_party()
     args = parse_args(argv)
-    demo = is_demo_config(args.config)
-    config_path = demo_config_path() if demo else args.config
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(script)))  # the checkout of the worker script
+    demo = is_demo_config(args.config, repo)
+    config_path = demo_config_path(repo) if demo else args.config
     try:
         nproc, nnodes = world_layout(args)
         if demo:
-            os.chdir(repo_root())  # the demo config's paths are relative to the repository root
-            prepare_demo_assets()
+            os.chdir(repo)  # the demo config's paths are relative to the repository root
+            prepare_demo_assets(repo)
         cfg = preflight(config_path, args.overrides, nproc * nnodes)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -216,26 +217,24 @@ def config_summary(cfg: Any, world_size: int) -> str:
             f"run dir {cfg.trainer.default_local_dir}")
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def demo_config_path(repo: str) -> str:
+    """The demo config of the checkout at ``repo``."""
+    return os.path.join(repo, "examples", "configs", "demo.yaml")
 
 
-def demo_config_path() -> str:
-    return os.path.join(repo_root(), "examples", "configs", "demo.yaml")
+def is_demo_config(config_path: str | None, repo: str) -> bool:
+    """No config (the embedded demo) or the checkout's ``examples/configs/demo.yaml``."""
+    return config_path is None or os.path.realpath(config_path) == os.path.realpath(demo_config_path(repo))
 
 
-def is_demo_config(config_path: str | None) -> bool:
-    """No config (the embedded demo) or the repository's ``examples/configs/demo.yaml``."""
-    return config_path is None or os.path.realpath(config_path) == os.path.realpath(demo_config_path())
-
-
-def prepare_demo_assets(timeout_s: float = 600.0) -> None:
-    """Rank 0 generates the demo assets if absent (atomically); the other ranks wait for them."""
+def prepare_demo_assets(repo: str, timeout_s: float = 600.0) -> None:
+    """Rank 0 generates the demo assets under ``<repo>/examples/data/demo`` if absent
+    (atomically); the other ranks wait for them."""
     import time
 
     from megatron_gad.data.demo import ensure_demo_assets, read_manifest
 
-    assets = os.path.join(repo_root(), "examples", "data", "demo")
+    assets = os.path.join(repo, "examples", "data", "demo")
     if int(os.environ.get("RANK", "0")) == 0:
         ensure_demo_assets(assets)
         return
@@ -249,7 +248,7 @@ def prepare_demo_assets(timeout_s: float = 600.0) -> None:
 def console_main() -> None:
     """``megatron-gad-train``: the launcher with the repository's ``examples/pretrain_gad.py``
     as the worker script."""
-    script = os.path.join(repo_root(), "examples", "pretrain_gad.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pretrain_gad.py")
     if not os.path.isfile(script):
         print(f"error: {script} is missing (megatron-gad-train runs from a source checkout)", file=sys.stderr)
         sys.exit(2)
