@@ -62,7 +62,8 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> set[str]:
 def load_config(yaml_path: str | None, overrides: Sequence[str] = (), world_size: int | None = None) -> TrainConfig:
     """Build the run's config: defaults <- YAML file <- overrides, then resolve and check it.
 
-    ``overrides`` are ``dotted.key=value`` strings as on the command line (later ones win).
+    ``overrides`` are ``dotted.key=value`` strings as on the command line (later ones win);
+    verl's keys among them and in the file are translated first (:mod:`verl_compat`).
     Values are typed by the dataclass fields. Raises :class:`ConfigError` (one line, naming the
     key) for unknown keys, bad values and failed cross-field checks (see ``checks.py``). Called on
     every rank, before any process group or model exists; ``world_size`` defaults to $WORLD_SIZE.
