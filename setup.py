@@ -27,6 +27,7 @@ setup(
         "PyYAML>=6",
         "tqdm",
     ],
+    entry_points={"console_scripts": ["megatron-gad-train=megatron_gad.launch:console_main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],

@@ -1,6 +1,10 @@
 """Train a student with Generative Adversarial Distillation (or PPO / GSPO) on megatron-core.
 
     torchrun --nproc_per_node N examples/pretrain_gad.py [--config FILE.yaml] [dotted.key=value ...]
+    python examples/pretrain_gad.py --nproc-per-node N [--check] [--config FILE.yaml] [dotted.key=value ...]
+
+The second form (megatron_gad/launch.py) checks config, model directories and data in one process
+first (one line and exit 2 on a user error), then starts the N workers itself.
 
 With no arguments it runs the embedded CPU demo (examples/configs/demo.yaml): the tiny addition
 task whose data, tokenizer and model configs are generated under examples/data/demo/ on first use.
@@ -13,7 +17,6 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
-DEMO_ASSETS = os.path.join(REPO, "examples", "data", "demo")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -27,37 +30,16 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def prepare_demo_assets(timeout_s: float = 600.0) -> None:
-    """Rank 0 generates the demo assets if absent (atomically); the other ranks wait for them."""
-    import time
-
-    from megatron_gad.data.demo import DemoAssetsError, ensure_demo_assets, read_manifest
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        ensure_demo_assets(DEMO_ASSETS)
-        return
-    deadline = time.monotonic() + timeout_s
-    while read_manifest(DEMO_ASSETS) is None:
-        if time.monotonic() > deadline:
-            raise DemoAssetsError(f"rank 0 did not produce the demo assets in {DEMO_ASSETS} within {timeout_s:.0f}s")
-        time.sleep(0.5)
-
-
-def quiet_cpu_only_warnings() -> None:
-    """Without CUDA, Transformer Engine and apex cannot exist: megatron-core's notices that it
-    falls back to torch implementations are noise there (they stay on GPU machines)."""
-    import warnings
-
-    import torch
-
-    if not torch.cuda.is_available():
-        warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
-
-
 def main(argv: list[str]) -> int:
+    from megatron_gad.launch import (config_summary, is_demo_config, launch, launcher_requested,
+                                     prepare_demo_assets, report_worker_error)
+    from megatron_gad.quiet import quiet_third_party
+
+    if launcher_requested(argv):  # --nproc-per-node N ...: check in this process, then start workers
+        return launch(argv, os.path.abspath(__file__))
     config_path, overrides = parse_args(argv)
-    quiet_cpu_only_warnings()
-    demo = config_path is None
+    quiet_third_party()
+    demo = is_demo_config(config_path, REPO)  # also --config examples/configs/demo.yaml: assets on demand
     if demo:
         os.chdir(REPO)  # the demo config's paths are relative to the repository root
         config_path = DEMO_CONFIG
@@ -69,12 +51,14 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(config_path, overrides)
         if demo:
-            prepare_demo_assets()
+            prepare_demo_assets(REPO)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(format_config(cfg), flush=True)
+            print(format_config(cfg) if cfg.trainer.print_config else
+                  f"[megatron_gad] {config_summary(cfg, int(os.environ.get('WORLD_SIZE', '1')))} "
+                  "(full config: <run dir>/config.yaml, or trainer.print_config=true)", flush=True)
         run(cfg)
     except (UserError, TrainingStopped) as exc:  # a bad input, or a run stopped on purpose; others keep their traceback
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        report_worker_error(exc)
         return 2
     return 0
 

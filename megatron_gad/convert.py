@@ -70,6 +70,10 @@ def preflight_hf(
         if role != "critic":
             raise ConversionError("--init-score-head applies to --role critic only")
         reader.add_critic_head(init_score_head)
+    elif role == "critic" and "score.weight" not in reader.files:
+        raise ConversionError(f"{hf_dir!r} has no score.weight (a causal LM, not a critic): add --init-score-head 0.02 "
+                              "to drop lm_head and start the scalar head from N(0, 0.02^2) (GAD's discriminator is "
+                              "the student plus a scalar head)")
     hfm.check_hf_keys(reader.keys(), config, role)
     for name, shape in hfm.hf_expected_shapes(config, role).items():
         if reader.shape(name) != shape:
@@ -157,7 +161,9 @@ def _no_init(weight: Tensor) -> None:
 def _progress(iterable: Any, desc: str, total: int | None = None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit="tensor", disable=_rank() != 0, leave=False)
+    from megatron_gad.quiet import progress_enabled
+
+    return tqdm(iterable, desc=desc, total=total, unit="tensor", disable=not progress_enabled(_rank()), leave=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +431,9 @@ def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, 
 
     from megatron_gad.runtime.distributed import destroy_distributed, init_distributed
 
+    from megatron_gad.quiet import quiet_third_party
+
+    quiet_third_party()
     # torchrun stops the other ranks with SIGTERM when one fails: unwind so temporary output goes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

@@ -1,6 +1,8 @@
-"""Hugging Face directory I/O for the converters: config, safetensors (single file, shards with an
-index, shards without one) read lazily by tensor name, sharded safetensors writing, the exported
-config and the tokenizer files that travel with a checkpoint. Local (no process groups).
+"""Hugging Face directory I/O for the converters and the trainer: config, weights read lazily by
+tensor name (safetensors: single file, shards with an index, shards without one; PyTorch
+``pytorch_model.bin``: single file or shards, loaded with ``torch.load(weights_only=True)``),
+sharded safetensors writing, the exported config and the tokenizer files that travel with a
+checkpoint. Local (no process groups).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from megatron_gad.models import hf_mapping as hfm
 from megatron_gad.models.transformer import model_args_from_hf
 
 INDEX_FILE = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 AUX_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
@@ -48,33 +52,43 @@ def read_hf_config(directory: str) -> Any:
     return config
 
 
+def _read_weight_map(index: str, hf_dir: str, kind: str) -> dict[str, str]:
+    """``weight_map`` of a ``*.index.json`` file as tensor name -> file path (files must exist)."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConversionError(f"{index} is not a {kind} index (a JSON object with weight_map): {exc!r}") from None
+    for file in files:
+        if not os.path.isfile(os.path.join(hf_dir, file)):
+            raise ConversionError(f"{os.path.basename(index)} names {file!r}, which does not exist in {hf_dir!r}")
+    return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+
+
+def _names_by_file(files: list[str], open_file: Any) -> dict[str, str]:
+    """Tensor name -> file over ``files`` (each opened with ``open_file``); names must not repeat."""
+    out: dict[str, str] = {}
+    for path in files:
+        for name in open_file(path).keys():
+            if name in out:
+                raise ConversionError(f"tensor {name!r} appears in both {out[name]!r} and {path!r}")
+            out[name] = path
+    return out
+
+
 def locate_safetensors(hf_dir: str) -> dict[str, str]:
     """HF tensor name -> safetensors file path: from ``model.safetensors.index.json`` when present,
     else ``model.safetensors``, else every ``*.safetensors`` file (names must not repeat)."""
 
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{index} is not a safetensors index (a JSON object with weight_map): {exc!r}") from None
-        for file in set(weight_map.values()):
-            if not os.path.isfile(os.path.join(hf_dir, file)):
-                raise ConversionError(f"{INDEX_FILE} names {file!r}, which does not exist in {hf_dir!r}")
-        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+        return _read_weight_map(index, hf_dir, "safetensors")
     single = os.path.join(hf_dir, "model.safetensors")
     files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
         raise ConversionError(f"{hf_dir!r} has no *.safetensors files")
-    out: dict[str, str] = {}
-    for path in files:
-        with _open_safetensors(path) as f:
-            for name in f.keys():
-                if name in out:
-                    raise ConversionError(f"tensor {name!r} appears in both {out[name]!r} and {path!r}")
-                out[name] = path
-    return out
+    return _names_by_file(files, _open_safetensors)
 
 
 def _open_safetensors(path: str) -> Any:
@@ -87,11 +101,99 @@ def _open_safetensors(path: str) -> Any:
         raise ConversionError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
+def _bin_files(hf_dir: str) -> list[str]:
+    """``pytorch_model.bin``, else the ``pytorch_model-*.bin`` shards, of ``hf_dir``."""
+    single = os.path.join(hf_dir, BIN_FILE)
+    if os.path.isfile(single):
+        return [single]
+    return sorted(glob.glob(os.path.join(hf_dir, "pytorch_model-*.bin")))
+
+
+def weight_format(hf_dir: str) -> str | None:
+    """``"safetensors"``, ``"bin"`` (PyTorch pickles) or None when ``hf_dir`` holds no HF weights.
+    safetensors win when both are present (as in transformers)."""
+    if os.path.isfile(os.path.join(hf_dir, INDEX_FILE)) or glob.glob(os.path.join(hf_dir, "*.safetensors")):
+        return "safetensors"
+    if os.path.isfile(os.path.join(hf_dir, BIN_INDEX_FILE)) or _bin_files(hf_dir):
+        return "bin"
+    return None
+
+
+def locate_weights(hf_dir: str) -> dict[str, str]:
+    """HF tensor name -> weight file path, safetensors first (:func:`locate_safetensors`), else
+    ``pytorch_model.bin.index.json``, ``pytorch_model.bin`` or ``pytorch_model-*.bin`` shards.
+    ConversionError "no weights found in DIR" when there are none."""
+    kind = weight_format(hf_dir)
+    if kind == "safetensors":
+        return locate_safetensors(hf_dir)
+    if kind is None:
+        raise ConversionError(f"no weights found in {hf_dir} (expected model.safetensors, *.safetensors "
+                              f"shards, {BIN_FILE} or pytorch_model-*.bin shards)")
+    index = os.path.join(hf_dir, BIN_INDEX_FILE)
+    if os.path.isfile(index):
+        return _read_weight_map(index, hf_dir, "PyTorch weights")
+    return _names_by_file(_bin_files(hf_dir), _open_bin)
+
+
+class _BinFile:
+    """A ``pytorch_model*.bin`` state dict behind the part of safetensors' ``safe_open`` API the
+    reader uses (``keys``, ``get_tensor``, ``get_slice(...).get_shape()``). Loaded memory-mapped
+    with ``weights_only=True``: no code from the file runs, and tensors are paged in when read."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # not a zip archive: legacy format, cannot be memory-mapped
+            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                raise ConversionError(f"{path} is not a readable PyTorch weights file: {exc}") from None
+            state = self._load_plain(path)
+        except Exception as exc:  # pickle errors of every kind, a refused global, a truncated file
+            raise ConversionError(f"{path} is not a readable PyTorch weights file: "
+                                  f"{' '.join(str(exc).split())[:300]}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ConversionError(f"{path} does not hold a state dict of tensors")
+        self.state: dict[str, Tensor] = state
+
+    @staticmethod
+    def _load_plain(path: str) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConversionError(f"{path} is not a readable PyTorch weights file: "
+                                  f"{' '.join(str(exc).split())[:300]}") from None
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def get_tensor(self, name: str) -> Tensor:
+        return self.state[name]
+
+    def get_slice(self, name: str) -> "_BinFile._Slice":
+        return self._Slice(self.state[name])
+
+    class _Slice:
+        def __init__(self, tensor: Tensor) -> None:
+            self.tensor = tensor
+
+        def get_shape(self) -> list[int]:
+            return list(self.tensor.shape)
+
+
+def _open_bin(path: str) -> _BinFile:
+    return _BinFile(path)
+
+
+def _open_weights(path: str) -> Any:
+    """A name-addressed handle on one weight file (safetensors or PyTorch ``.bin``)."""
+    return _open_bin(path) if path.endswith(".bin") else _open_safetensors(path)
+
+
 class SafetensorsReader:
-    """Lazy, name-addressed access to an HF directory's safetensors tensors (any rank)."""
+    """Lazy, name-addressed access to an HF directory's weights (any rank): safetensors, or
+    ``pytorch_model*.bin`` files when the directory has no safetensors (:func:`locate_weights`)."""
 
     def __init__(self, hf_dir: str) -> None:
-        self.files = locate_safetensors(hf_dir)
+        self.files = locate_weights(hf_dir)
         self._handles: dict[str, Any] = {}
         self.synthetic: dict[str, Tensor] = {}
 
@@ -115,7 +217,7 @@ class SafetensorsReader:
             raise hfm.MappingError(f"tensor {name!r} is missing from the HF checkpoint")
         path = self.files[name]
         if path not in self._handles:
-            self._handles[path] = _open_safetensors(path)
+            self._handles[path] = _open_weights(path)
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -209,3 +311,51 @@ def hf_output_config(config: Any, role: str, dtype: torch.dtype) -> Any:
         out.num_labels = 1
     out.dtype = dtype
     return out
+
+
+MEGATRON_META_FILE = "megatron_gad_meta.json"
+
+
+def megatron_checkpoint_role(directory: str) -> str | None:
+    """The role recorded in a Megatron checkpoint written by ``hf_to_megatron.py`` (its
+    ``megatron_gad_meta.json`` next to the dist-checkpoint ``metadata.json``); None for any other
+    directory. ConversionError when the meta file is unreadable."""
+    meta = os.path.join(directory, MEGATRON_META_FILE)
+    if not os.path.isfile(meta):
+        return None
+    try:
+        with open(meta) as f:
+            role = json.load(f)["role"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConversionError(f"{meta} cannot be read: {exc!r}") from None
+    if not os.path.isfile(os.path.join(directory, "metadata.json")):
+        raise ConversionError(f"{directory!r} has {MEGATRON_META_FILE} but no dist_checkpointing metadata.json "
+                              "(an incomplete conversion?)")
+    return str(role)
+
+
+def check_model_weights(directory: str, key: str, role: str, random_init: bool) -> str:
+    """Where a role's initial weights come from, checked before any model is built (local, any
+    rank): ``"random"`` (only when the config asks: ``random_init``), ``"megatron"`` (a checkpoint
+    written by ``hf_to_megatron.py`` for the same role), ``"safetensors"`` or ``"bin"``.
+
+    Raises ConversionError naming the config ``key``: "no weights found in DIR" for a directory
+    with only a config, and a Megatron checkpoint converted for the other role (a critic from an
+    actor checkpoint needs ``--role critic --init-score-head``)."""
+    if random_init:
+        return "random"
+    role_of_checkpoint = megatron_checkpoint_role(directory)
+    if role_of_checkpoint is not None:
+        if role_of_checkpoint != role:
+            hint = (" --role critic --init-score-head 0.02 (the discriminator starts as the student plus "
+                    "a scalar head), or give the HF directory" if role == "critic" else " --role actor")
+            raise ConversionError(f"{key}={directory!r} is a Megatron {role_of_checkpoint} checkpoint, but the "
+                                  f"{role} needs a {role} one: convert with hf_to_megatron.py{hint}")
+        return "megatron"
+    kind = weight_format(directory)
+    if kind is None:
+        random_key = key.rsplit(".", 1)[0] + ".random_init"
+        raise ConversionError(f"{key}: no weights found in {directory} (expected *.safetensors, "
+                              f"pytorch_model*.bin or a Megatron checkpoint from hf_to_megatron.py; set "
+                              f"{random_key}=true to start from random weights)")
+    return kind

@@ -126,6 +126,7 @@ class Trainer:
         kl = cfg.algorithm.kl_ctrl
         self.kl_ctrl = KLController(kl.kl_coef, kl.type == "adaptive", kl.target_kl, kl.horizon)
         self._resume()
+        self.first_step = self.step  # where this process started (after a resume: the checkpoint's step)
         if self.c.info.rank == 0:
             save_resolved(cfg, os.path.join(cfg.trainer.default_local_dir, "config.yaml"))
         self.validate_first = self.step == 0 and self.c.val_loader is not None and cfg.trainer.val_before_train
@@ -248,11 +249,12 @@ class Trainer:
         optimizer's linear ``lr_warmup_steps`` (the actor's counted from its first policy step)."""
         actor_optim = self.cfg.actor_rollout_ref.actor.optim
         if self.c.critic is not None:
-            set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step))
+            set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step, self.c.total_steps))
         if phase is Phase.GENERATOR_WARMUP:
             set_lr(self.c.actor.optimizer, self.cfg.trainer.generator_warmup_lr or actor_optim.lr)
         else:
-            set_lr(self.c.actor.optimizer, warmup_lr(actor_optim, max(self.step - self.policy_start, 0)))
+            set_lr(self.c.actor.optimizer, warmup_lr(actor_optim, max(self.step - self.policy_start, 0),
+                                                     self.c.total_steps))
 
     def _release_rollout(self) -> None:
         """Let the rollout engine free its accelerator memory while the models train."""
@@ -293,7 +295,8 @@ class Trainer:
     def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float]) -> None:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         arr = self.cfg.actor_rollout_ref
-        exp.old_log_probs, entropy = self.c.actor.compute_log_probs(exp.student, temperature)
+        exp.old_log_probs, entropy = self.c.actor.compute_log_probs(
+            exp.student, temperature, micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu)
         mask = exp.student.response_mask.double()
         diff = (exp.rollout_log_probs.double() - exp.old_log_probs.double()).abs()
         # token-weighted means over the whole (DP-split) batch; the max over its valid tokens
@@ -416,6 +419,7 @@ class Trainer:
         gad = self.c.mode is Mode.GAD
         teacher_batches: list[PromptBatch] = []
         diverged = None
+        shown: list[dict] = []  # trainer.log_val_generations samples
         try:
             if self.weights_stale:
                 self._sync_weights()
@@ -424,9 +428,12 @@ class Trainer:
             for batch in self.c.val_loader.batches():
                 _, exp = self._rollout(batch, 1, greedy=True)
                 texts = self.c.decode(exp.student.responses, exp.student.response_mask)
+                scores = None
                 if self.reward_fn is not None:
-                    sums[slot["reward"]] += float(score_responses(self.reward_fn, texts, batch.data_source,
-                                                                  batch.ground_truth, extra_infos(batch)).sum())
+                    scores = score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
+                                             extra_infos(batch))
+                    sums[slot["reward"]] += float(scores.sum())
+                shown += val_generation_rows(batch, texts, scores, self.cfg.trainer.log_val_generations - len(shown))
                 if gad:
                     sums[slot["exact"]] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
                     matched, teacher_tokens = token_agreement(exp.student, batch)
@@ -438,6 +445,8 @@ class Trainer:
             diverged = exc
         self._release_rollout()
         self._stop_together(diverged, f"validating after step {self.step}")
+        if self.c.info.rank == 0 and self.cfg.trainer.log_val_generations:
+            log_val_generations(self.cfg.trainer.default_local_dir, self.step, shown)
         if self.cfg.trainer.teacher_forced_validation:  # Megatron passes, with the engine asleep
             sums[slot["teacher_log_prob"]] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
         totals = dict(zip(_VAL_SUMS, self.c.dp_sum(sums)))
@@ -473,6 +482,34 @@ class Trainer:
         return float((log_probs * teacher.response_mask).sum())
 
 
+def val_generation_rows(batch: PromptBatch, texts: list[str], scores: torch.Tensor | None, limit: int) -> list[dict]:
+    """Up to ``limit`` rows ``{prompt, response, score[, teacher_response]}`` of a validation batch
+    (``trainer.log_val_generations``, verl's key); the prompt is its last message's text."""
+    rows = []
+    for i in range(min(max(limit, 0), len(texts))):
+        messages = batch.raw_prompt[i]
+        prompt = messages[-1].get("content", "") if messages else ""
+        row = {"prompt": prompt, "response": texts[i], "score": None if scores is None else float(scores[i])}
+        if batch.teacher_response is not None:
+            row["teacher_response"] = batch.teacher_response[i]
+        rows.append(row)
+    return rows
+
+
+def log_val_generations(run_dir: str, step: int, rows: list[dict]) -> None:
+    """Rank 0: print the validation samples and append them to ``<run_dir>/val_generations.jsonl``
+    (one JSON object per sample, with ``step``)."""
+    import json
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "val_generations.jsonl"), "a", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+            score = "n/a" if row["score"] is None else f"{row['score']:g}"
+            print(f"[megatron_gad] val sample {i} (step {step}) score={score}\n  prompt: {row['prompt']!r}\n"
+                  f"  response: {row['response']!r}", flush=True)
+
+
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Build a trainer for ``cfg``, train, and tear the process groups down."""
     from megatron_gad.runtime import destroy_distributed
@@ -481,7 +518,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     try:
         trainer = Trainer(cfg)
         metrics = trainer.fit()
-        trainer._log0(f"finished {trainer.step} steps in {time.time() - start:.0f}s")
+        resumed = f" (resumed at step {trainer.first_step}, now at {trainer.step})" if trainer.first_step else ""
+        trainer._log0(f"finished {trainer.step - trainer.first_step} steps{resumed} in {time.time() - start:.0f}s")
         return metrics
     finally:
         destroy_distributed()

@@ -166,24 +166,47 @@ class TrainingEngines:
     critic: Any
 
 
-def _load_hf_weights(engine: Any, hf_dir: str, hf_config: Any, role: str) -> bool:
-    """Fill this rank's stage from the safetensors in ``hf_dir``; False when it has none (the
-    Megatron initialisation stays, as for the demo's config-only models). A critic initialised
-    from a causal LM (no ``score.weight``) keeps its freshly initialised scalar head: the GAD
-    recipe's "generator plus a scalar head"."""
-    import glob
-
+def _load_initial_weights(engine: Any, model_dir: str, hf_config: Any, role: str, source: str, info: ParallelInfo) -> str:
+    """Fill this rank's stage from ``model_dir`` (collective: every rank calls it); returns how the
+    weights were obtained, for the start-up line. ``source`` is :func:`check_model_weights`'s
+    answer: ``random`` keeps megatron-core's initialisation (asked for by ``model.random_init``),
+    ``megatron`` loads a ``hf_to_megatron.py`` checkpoint as is, otherwise the HF tensors are read
+    (safetensors or ``.bin``). A critic from a causal LM (no ``score.weight``) gets a fresh scalar
+    head: the GAD recipe's "generator plus a scalar head"; rank 0 says so in one line."""
     from megatron_gad.convert import fill_stage_from_hf
     from megatron_gad.hf_io import SafetensorsReader
     from megatron_gad.models.sharding import unwrap
 
-    if not glob.glob(os.path.join(hf_dir, "*.safetensors")):
-        return False
-    reader = SafetensorsReader(hf_dir)
+    if source == "random":
+        return "random initialisation (model.random_init=true)"
+    if source == "megatron":
+        from megatron_gad.checkpoint import load_model
+
+        load_model(engine.chunks, model_dir)
+        return f"the Megatron checkpoint {model_dir}"
+    reader = SafetensorsReader(model_dir)
     if role == "critic" and "score.weight" not in reader.files:
-        reader.add_critic_head(float(getattr(hf_config, "initializer_range", 0.02)))
+        std = float(getattr(hf_config, "initializer_range", 0.02))
+        reader.add_critic_head(std)
+        if info.rank == 0:
+            print(f"[megatron_gad] critic: {model_dir} has no score.weight (a causal LM): its trunk is loaded "
+                  f"and a fresh scalar head is drawn from N(0, {std:g}^2)", flush=True)
     fill_stage_from_hf(unwrap(engine.chunks[0]), reader, hf_config, role)
-    return True
+    return f"{model_dir} ({source})"
+
+
+def model_weight_sources(cfg: TrainConfig, needs_critic: bool) -> dict[str, str]:
+    """Check, before any model is built, that every role's ``model.path`` holds weights (or asks
+    for random ones); role -> :func:`megatron_gad.hf_io.check_model_weights` answer. Raises a
+    one-line ConversionError (a UserError) naming the key."""
+    from megatron_gad.hf_io import check_model_weights
+
+    model = cfg.actor_rollout_ref.model
+    out = {"actor": check_model_weights(model.path, "actor_rollout_ref.model.path", "actor", model.random_init)}
+    if needs_critic:
+        c = cfg.critic.model
+        out["critic"] = check_model_weights(c.path, "critic.model.path", "critic", c.random_init)
+    return out
 
 
 def check_mode(cfg: TrainConfig, mode: Mode) -> None:
@@ -245,16 +268,28 @@ def load_tokenizer(path: str | None, key: str) -> Any:
         raise ConfigError(f"{key}={path!r} holds no usable tokenizer: {exc}") from None
 
 
-def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: ParallelInfo) -> TrainingEngines:
-    """Build the actor (and reference) and, when ``critic_hf`` is given, the critic (collective)."""
+def recompute_settings(model: Any) -> dict[str, Any]:
+    """``TransformerConfig`` overrides for ``model.enable_gradient_checkpointing`` (verl's key):
+    megatron-core's full activation recompute of every layer (``uniform``, 1 layer per group)."""
+    if not model.enable_gradient_checkpointing:
+        return {}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
+def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: ParallelInfo,
+                           sources: dict[str, str] | None = None) -> TrainingEngines:
+    """Build the actor (and reference) and, when ``critic_hf`` is given, the critic (collective).
+    ``sources``: :func:`model_weight_sources` (computed here when not given)."""
     from megatron_gad.engine import ActorEngine, CriticEngine
     from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
 
+    sources = sources or model_weight_sources(cfg, critic_hf is not None)
     tp, pp = info.tp, info.pp
     arr = cfg.actor_rollout_ref
-    actor_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype))
+    actor_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype),
+                                          **recompute_settings(arr.model))
     actor = ActorEngine.create(actor_tf, model_args_from_hf(actor_hf), arr.actor, arr.actor.optim)
-    loaded = _load_hf_weights(actor, arr.model.path, actor_hf, "actor")
+    loaded = _load_initial_weights(actor, arr.model.path, actor_hf, "actor", sources["actor"], info)
     ref = None
     if arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
         ref_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype))
@@ -263,12 +298,12 @@ def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | Non
     critic = None
     if critic_hf is not None:
         c = cfg.critic
-        critic_tf = transformer_config_from_hf(critic_hf, tp, pp, params_dtype=_params_dtype(c.model.dtype))
+        critic_tf = transformer_config_from_hf(critic_hf, tp, pp, params_dtype=_params_dtype(c.model.dtype),
+                                               **recompute_settings(c.model))
         critic = CriticEngine.create(critic_tf, model_args_from_hf(critic_hf), c.loss_settings(), c.optim)
-        _load_hf_weights(critic, c.model.path, critic_hf, "critic")
+        _load_initial_weights(critic, c.model.path, critic_hf, "critic", sources["critic"], info)
     if info.rank == 0:
-        print(f"[megatron_gad] actor weights: {'from ' + arr.model.path if loaded else 'Megatron initialisation'}",
-              flush=True)
+        print(f"[megatron_gad] actor weights: {loaded}", flush=True)
     return TrainingEngines(actor=actor, ref=ref, critic=critic)
 
 
@@ -313,7 +348,8 @@ def build_components(cfg: TrainConfig) -> Components:
     layout = cfg.actor_rollout_ref.megatron  # critic.megatron equals it (checked by load_config)
     info = init_distributed(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                             seed=cfg.trainer.seed)
-    engines = build_training_engines(cfg, actor_hf, critic_hf, info)
+    engines = build_training_engines(cfg, actor_hf, critic_hf, info,
+                                     model_weight_sources(cfg, critic_role is not CriticRole.NONE))
     rollout_engine = None
     if _is_rollout_rank(info):
         rollout_engine = make_rollout_engine(cfg.actor_rollout_ref.rollout, actor_hf, TokenSpec.from_tokenizer(tokenizer))

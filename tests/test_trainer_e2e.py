@@ -38,7 +38,7 @@ def overrides_for(assets, out_dir: str, gad: bool, **extra: object) -> list[str]
     val = assets.val_file if gad else assets.val_standard_file
     base = {
         "data.train_files": train, "data.val_files": val, "data.train_batch_size": 4,
-        "data.val_batch_size": 8,
+        "data.val_batch_size": 8, "data.max_prompt_length": 32, "data.max_response_length": 24,
         "actor_rollout_ref.model.path": assets.student_dir,
         "actor_rollout_ref.model.tokenizer_path": assets.tokenizer_dir,
         "critic.model.path": assets.discriminator_dir,

@@ -32,10 +32,11 @@ def test_validation_splits_unevenly() -> None:
 
 
 def test_mode_checks() -> None:
-    cfg = load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), ["algorithm.adv_estimator=gae"])
+    user = ["data.train_files=/d/train.parquet", "actor_rollout_ref.model.path=/m/student"]
+    cfg = load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), [*user, "algorithm.adv_estimator=gae"])
     with pytest.raises(ValueError, match="adv_estimator=gae needs a value critic"):
         check_mode(cfg, Mode.GAD)
-    cfg = load_config(os.path.join(CONFIGS, "gspo.yaml"), ["custom_reward_function.path=null"])
+    cfg = load_config(os.path.join(CONFIGS, "gspo.yaml"), [*user, "custom_reward_function.path=null"])
     with pytest.raises(ValueError, match="set custom_reward_function.path"):
         check_mode(cfg, Mode.STANDARD)
     cfg = load_config(os.path.join(CONFIGS, "demo.yaml"), [])

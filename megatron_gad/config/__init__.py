@@ -7,6 +7,9 @@ naming the dotted key, with the valid keys or choices).
 
 Rules, in order of application:
 
+* verl's launch-script keys (``trainer.n_gpus_per_node``, ``actor_rollout_ref.actor.megatron.*``,
+  ``trainer.resume_from_path``, ...) are first mapped onto ours or refused in one line
+  (``verl_compat.py``; the README's "verl keys" table).
 * defaults <- the YAML file <- ``dotted.key=value`` overrides (left to right; later wins). Values
   are typed by the fields: ``1e-6`` is a float, ``true``/``false`` booleans, ``null`` clears an
   optional value, lists are ``[a,b]`` or ``a,b``.

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from megatron_gad.config import verl_compat
 from megatron_gad.config.checks import merge_actor_keys, resolve_defaults, validate_config
 from megatron_gad.config.fields import ConfigError, check_override_path, flat_keys, from_dict, set_in, to_dict
 from megatron_gad.config.schema import TrainConfig
@@ -60,12 +61,15 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> set[str]:
 def load_config(yaml_path: str | None, overrides: Sequence[str] = (), world_size: int | None = None) -> TrainConfig:
     """Build the run's config: defaults <- YAML file <- overrides, then resolve and check it.
 
-    ``overrides`` are ``dotted.key=value`` strings as on the command line (later ones win).
+    ``overrides`` are ``dotted.key=value`` strings as on the command line (later ones win);
+    verl's keys among them and in the file are translated first (:mod:`verl_compat`).
     Values are typed by the dataclass fields. Raises :class:`ConfigError` (one line, naming the
     key) for unknown keys, bad values and failed cross-field checks (see ``checks.py``). Called on
     every rank, before any process group or model exists; ``world_size`` defaults to $WORLD_SIZE.
     """
     tree = read_yaml(yaml_path) if yaml_path else {}
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    tree, overrides = verl_compat.translate(tree, overrides, world)  # verl's keys: ours, or refused
     yaml_keys = flat_keys(tree)
     cli_keys = apply_overrides(tree, overrides)
     source = f" (config file {yaml_path})" if yaml_path else ""

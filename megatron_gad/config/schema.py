@@ -71,11 +71,20 @@ class ModelConfig:
     """``*.model``: the Hugging Face model a role starts from."""
 
     path: str = ""
-    """HF model directory (config.json + safetensors). Critic: empty means the actor's path."""
+    """HF model directory (config.json + ``*.safetensors`` or ``pytorch_model*.bin``), or a
+    Megatron checkpoint written by ``checkpoint_tools/hf_to_megatron.py`` for this role (loaded
+    as is, no conversion at start). Critic: empty means the actor's path. A directory without
+    weights is an error unless ``random_init``."""
     tokenizer_path: str | None = None
     """Tokenizer directory (None: ``path``). Actor and critic must share the tokenizer."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Parameter dtype: ``auto`` is bfloat16 on GPU and float32 on CPU."""
+    random_init: bool = False
+    """Start from megatron-core's random initialisation (only ``config.json`` is read from
+    ``path``); never happens unless asked for here."""
+    enable_gradient_checkpointing: bool = False
+    """verl's key: recompute every transformer layer's activations in the backward pass
+    (megatron-core's full, uniform activation recompute): less memory, one more forward."""
 
 
 @dataclass
@@ -218,6 +227,11 @@ class TrainerConfig:
     teacher response token on the validation prompts (temperature 1)."""
     export_hf: bool = True
     """Export the trained actor as an HF directory (<default_local_dir>/actor_hf) at the end."""
+    log_val_generations: int = 0
+    """verl's key: at every validation, the first N prompts with their greedy response and score
+    go to the console and to ``<default_local_dir>/val_generations.jsonl`` (0: none)."""
+    print_config: bool = False
+    """Print the whole resolved config at start-up (it is always saved as ``config.yaml``)."""
 
     def validate(self, where: str) -> None:
         """Raise ValueError naming ``where.<field>`` for an invalid count."""
@@ -230,6 +244,8 @@ class TrainerConfig:
             raise ValueError(f"{where}: set generator_warmup_steps or generator_warmup_epochs, not both")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"{where}.max_consecutive_nonfinite must be >= 1")
+        if self.log_val_generations < 0:
+            raise ValueError(f"{where}.log_val_generations must be >= 0, got {self.log_val_generations}")
 
 
 @dataclass

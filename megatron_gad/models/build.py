@@ -29,7 +29,10 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     lr_warmup_steps: int = 0
     """Linear warm-up to ``lr`` over this many training steps of the role (the actor's count
-    from its first policy-loss step)."""
+    from its first policy-loss step). 0 or -1 (verl's "unset"): ``lr_warmup_steps_ratio`` decides."""
+    lr_warmup_steps_ratio: float = 0.0
+    """verl's key: when ``lr_warmup_steps`` <= 0, warm up over ``int(ratio * total steps)`` steps
+    (the run's ``total_steps``, as verl counts them)."""
 
     def validate(self, where: str) -> None:
         """Raise ValueError naming ``where.<field>`` for an invalid value."""
@@ -39,6 +42,10 @@ class OptimConfig:
             raise ValueError(f"{where}.clip_grad must be >= 0, got {self.clip_grad}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"{where}.betas must lie in [0, 1), got {self.betas}")
+        if not 0.0 <= self.lr_warmup_steps_ratio <= 1.0:
+            raise ValueError(f"{where}.lr_warmup_steps_ratio must lie in [0, 1], got {self.lr_warmup_steps_ratio}")
+        if self.lr_warmup_steps < -1:
+            raise ValueError(f"{where}.lr_warmup_steps must be >= -1, got {self.lr_warmup_steps}")
 
 
 def build_model(provider: Callable[[bool, bool], torch.nn.Module], config: Any) -> list[torch.nn.Module]:
@@ -91,11 +98,21 @@ def build_optimizer(chunks: list[torch.nn.Module], optim: OptimConfig, config: A
     return get_megatron_optimizer(opt_config, chunks)
 
 
-def warmup_lr(optim: OptimConfig, steps_done: int) -> float:
-    """The learning rate after ``steps_done`` training steps of the linear warm-up."""
-    if optim.lr_warmup_steps <= 0:
+def warmup_steps(optim: OptimConfig, total_steps: int | None = None) -> int:
+    """Length of the linear warm-up: ``lr_warmup_steps`` when > 0, else
+    ``int(lr_warmup_steps_ratio * total_steps)`` (verl's rule; 0 without ``total_steps``)."""
+    if optim.lr_warmup_steps > 0:
+        return optim.lr_warmup_steps
+    return int(optim.lr_warmup_steps_ratio * total_steps) if total_steps else 0
+
+
+def warmup_lr(optim: OptimConfig, steps_done: int, total_steps: int | None = None) -> float:
+    """The learning rate after ``steps_done`` training steps of the linear warm-up (its length:
+    :func:`warmup_steps`)."""
+    steps = warmup_steps(optim, total_steps)
+    if steps <= 0:
         return optim.lr
-    return optim.lr * min(1.0, (steps_done + 1) / optim.lr_warmup_steps)
+    return optim.lr * min(1.0, (steps_done + 1) / steps)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:

@@ -73,6 +73,9 @@ class RolloutConfig:
     """vLLM: most sequences decoded together."""
     seed: int = 0
     """Base seed of the sampler (each ``generate`` call may pass its own)."""
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    """verl's key: sequences per micro-batch when the actor recomputes the rollout's log-probs
+    (None: ``actor.ppo_micro_batch_size_per_gpu``)."""
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     """Weight-sync bucket size in bytes (see :class:`megatron_gad.rollout.weight_export.WeightExporter`)."""
 
@@ -89,6 +92,7 @@ class RolloutConfig:
             (self.dtype in _DTYPES, "dtype", f"one of {', '.join(_DTYPES)}"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]"),
             (self.bucket_bytes >= 1, "bucket_bytes", ">= 1"),
+            ((self.log_prob_micro_batch_size_per_gpu or 1) >= 1, "log_prob_micro_batch_size_per_gpu", ">= 1 or null"),
         ]
         for ok, key, expected in checks:
             if not ok:

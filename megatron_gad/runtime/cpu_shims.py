@@ -105,6 +105,22 @@ def _clip_grad_by_total_norm_cpu(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _get_all_rng_states_cpu() -> tuple[torch.Tensor, None, dict]:
+    """CPU twin of megatron.core.tensor_parallel.random._get_all_rng_states: the CPU generator's
+    state and the model-parallel tracker's states (the original also reads the CUDA generator)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return torch.get_rng_state(), None, get_cuda_rng_tracker().get_states()
+
+
+def _set_all_rng_states_cpu(cpu_rng_state: torch.Tensor, cuda_rng_state: None, tracker_states: dict) -> None:
+    """CPU twin of ``_set_all_rng_states``: restores what :func:`_get_all_rng_states_cpu` saved."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(cpu_rng_state)
+    get_cuda_rng_tracker().set_states(tracker_states)
+
+
 # Modules whose ``torch`` global is swapped for the CPU view, with the functions that need it.
 _CUDA_LITERAL_MODULES = {
     # forward_backward_* build the token-count tensor with torch.zeros(..., device="cuda").
@@ -166,6 +182,12 @@ def apply() -> bool:
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # Activation recompute (CheckpointFunction.forward/backward and _fork_rng) saves and restores
+    # the CUDA generator's state through these two module-level functions.
+    rng = importlib.import_module("megatron.core.tensor_parallel.random")
+    rng._get_all_rng_states = _get_all_rng_states_cpu
+    rng._set_all_rng_states = _set_all_rng_states_cpu
 
     _applied = True
     logger.debug("megatron-core %s CPU shims applied", version)

@@ -51,11 +51,27 @@ def _write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+USER_CONFIGS = [p for p in EXAMPLES if p.name not in ("demo.yaml", "qwen7b_multinode.yaml")]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_config_loads(path: Path) -> None:
     world = 32 if "multinode" in path.name else 1
-    cfg = load_config(str(path), [], world_size=world)
+    given = BASE if path in USER_CONFIGS else []  # the user-facing configs need the user's paths
+    cfg = load_config(str(path), given, world_size=world)
     assert isinstance(cfg, TrainConfig) and cfg.data.train_files and cfg.actor_rollout_ref.model.path
+
+
+@pytest.mark.parametrize("path", USER_CONFIGS, ids=[p.name for p in USER_CONFIGS])
+def test_user_configs_name_no_demo_asset(path: Path) -> None:
+    """Only demo.yaml points at the demo's assets: a user config with only the model path given
+    reads the tokenizer from the model's directory and validates on nothing but the user's data."""
+    assert "examples/data/demo" not in path.read_text() and "demo.py" not in path.read_text()
+    with pytest.raises(ConfigError, match="data.train_files is required.*model.path is required"):
+        load_config(str(path), [])
+    cfg = load_config(str(path), BASE)
+    assert cfg.actor_rollout_ref.model.tokenizer_path is None  # the model's directory
+    assert cfg.data.val_files == [] and cfg.critic.model.path == "/m/student"
 
 
 def test_examples_cover_demo_and_four_scenarios() -> None:
