@@ -206,7 +206,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ one step
     def train_step(self, batch: PromptBatch) -> dict[str, float]:
         """Run one step on this rank's slice of the prompt batch; return the step's metrics."""
-        cfg, timer = self.cfg, Timer()
+        timer = Timer()
         metrics: dict[str, float] = {}
         diverged = None
         try:

@@ -116,7 +116,7 @@ def _model_problems(role: str, model_path: str, layout: MegatronConfig) -> list[
 
 
 def _algorithm_problems(cfg: TrainConfig) -> list[str]:
-    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    rollout = cfg.actor_rollout_ref.rollout
     problems = []
     repeat = cfg.critic.teacher_repeat
     if repeat and rollout.n % repeat:
