@@ -361,10 +361,12 @@ def _agreed(where: str, fn) -> None:
     _SaveFailed on every rank then; ``error`` is None on the ranks where it succeeded)."""
     from megatron_gad.runtime.distributed import device
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     error = None
     try:
         fn()
-    except Exception as exc:  # noqa: BLE001 - reported below, after every rank knows
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported below, after every rank knows
         error = exc
     flag = torch.tensor([0.0 if error is None else 1.0], device=device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -399,23 +401,33 @@ def _space_error(exc: BaseException | None) -> tuple[int, str | None] | None:
     return None
 
 
-def _measured_space_error(tmp: str) -> int | None:
+def _measured_space_error(tmp: str, root: str) -> int | None:
     """The lack of space a writer reported without an errno (torch's zip writer says only
-    ``unexpected pos``), measured: a file system with under 1 MiB left, or a file that reached
-    this process's RLIMIT_FSIZE."""
-    import resource
+    ``unexpected pos``), measured: writing a probe as large as the largest file of this save or
+    of the last checkpoint (1 to 64 MiB) next to the partial directory fails with ENOSPC, EDQUOT
+    or EFBIG (a per-process RLIMIT_FSIZE; SIGXFSZ ignored for the probe)."""
+    import signal
 
+    sizes = [2**20]
+    for folder in (tmp, *(os.path.join(root, _STEP_DIR.format(s)) for s in complete_steps(root)[-1:])):
+        for sub, _, names in os.walk(folder):
+            sizes += [os.path.getsize(os.path.join(sub, n)) for n in names]
+    size = min(max(sizes), 64 * 2**20)
+    probe = os.path.join(root, f".space_probe{os.getpid()}")
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        st = os.statvfs(tmp if os.path.isdir(tmp) else os.path.dirname(tmp))
-    except OSError:
-        return None
-    if st.f_bavail * st.f_frsize < 2**20:
-        return errno.ENOSPC
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        for folder, _, names in os.walk(tmp):
-            if any(os.path.getsize(os.path.join(folder, n)) >= limit for n in names):
-                return errno.EFBIG
+        with open(probe, "wb") as f:
+            block = b"\0" * 2**20
+            for _ in range(-(-size // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc.errno if exc.errno in _SPACE_ERRNOS else None
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+        if os.path.exists(probe):
+            os.unlink(probe)
     return None
 
 
@@ -432,7 +444,7 @@ def _report_failed_save(failed: _SaveFailed, root: str, tmp: str) -> None:
     if rank == 0:
         space = next((g[0] for g in gathered if g is not None and g[0] is not None), None)
         if space is None:
-            code = _measured_space_error(tmp)
+            code = _measured_space_error(tmp, root)
             space = None if code is None else (code, None)
         _remove(tmp)
         if space is not None:
@@ -453,7 +465,7 @@ def _disk_full_message(root: str, tmp: str, where: str, code: int, filename: str
         last = os.path.join(root, _STEP_DIR.format(steps[-1]))
         manifest = _read_manifest(last)
         if isinstance(manifest, dict):
-            need = f"a checkpoint needs about {manifest['total_bytes'] / 2**20:.1f} MiB (as {last}); "
+            need = f"a checkpoint needs about {manifest['total_bytes'] / 2**20:.1f} MiB, as {os.path.basename(last)}; "
     try:
         st = os.statvfs(root)
         free = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
