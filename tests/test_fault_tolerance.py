@@ -239,3 +239,180 @@ def test_non_utf8_parquet_string_names_file_row_and_column(tmp_path) -> None:
     pq.write_table(pa.table({"prompt": messages, "teacher_response": content}), path)
     with pytest.raises(DataError, match=f"^{path} row 2 column 'prompt': not valid UTF-8 text \\(byte 0xff at"):
         read_parquet_rows(path)
+
+
+# ------------------------------------------------------------------ end to end: the CLI under faults
+def _start(args: list[str], torchrun: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(cli(args, torchrun), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _workers(proc: subprocess.Popen, n: int) -> list:
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while True:
+        found = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if any("pretrain_gad.py" in part for part in p.cmdline())]
+        if len(found) == n or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_in_flight_and_the_resumed_run_matches(assets, tmp_path, three_steps) -> None:
+    out = str(tmp_path / "run")
+    args = overrides(assets, out, **{"trainer.save_freq": -1})
+    proc = _start(args)
+    wait_for(proc, lambda: logged_steps(out) >= 1, "step 1")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    stopped = logged_steps(out)
+    assert proc.returncode == 0, err[-3000:]
+    assert "received SIGTERM" in err
+    assert steps_on_disk(out) == [f"global_step_{stopped}"] and open(os.path.join(out, MARKER)).read() == str(stopped)
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/global_step_{stopped} at step {stopped}" in resumed.stdout
+    assert comparable(metrics(out)) == comparable(metrics(three_steps))
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_torchrun_worker_stops_every_rank_with_a_checkpoint(assets, tmp_path) -> None:
+    out = str(tmp_path / "run")
+    proc = _start(overrides(assets, out, **{"trainer.save_freq": -1, "trainer.save_on_signal": "[SIGTERM,SIGUSR1]"}),
+                  torchrun=2)
+    workers = _workers(proc, 2)
+    assert len(workers) == 2
+    wait_for(proc, lambda: logged_steps(out) >= 1, "step 1")
+    sent = time.monotonic()
+    os.kill(workers[-1].pid, signal.SIGUSR1)
+    out_text, err = proc.communicate(timeout=300)
+    took = time.monotonic() - sent
+    stopped = logged_steps(out)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"stopping after step {stopped} (SIGUSR1): saved {out}/global_step_{stopped}" in out_text + err
+    assert steps_on_disk(out) == [f"global_step_{stopped}"]
+    print(f"SIGUSR1 to exit: {took:.1f} s (wall, loaded machine)")
+
+
+@pytest.mark.slow
+def test_workers_of_a_killed_torchrun_stop_instead_of_running_on(assets, tmp_path) -> None:
+    import psutil
+
+    out = str(tmp_path / "run")
+    proc = _start(overrides(assets, out, **{"trainer.total_training_steps": 6, "trainer.save_freq": -1}), torchrun=2)
+    workers = _workers(proc, 2)
+    assert len(workers) == 2
+    wait_for(proc, lambda: logged_steps(out) >= 1, "step 1")
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    for p in alive:
+        p.kill()
+    assert not alive, "workers outlived their launcher by 120 s"
+    # they stopped at a step boundary with a complete checkpoint of it (or died): nothing half-written
+    assert not [d for d in steps_on_disk(out) if not d[len("global_step_"):].isdigit()]
+    stopped = logged_steps(out)
+    assert steps_on_disk(out) in ([], [f"global_step_{stopped}"]) and stopped < 6
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_resumes_from_the_previous_checkpoint(assets, copy_of, three_steps) -> None:
+    shard = os.path.join(copy_of, "global_step_3", "actor", "__0_0.distcp")
+    damage(shard, "truncate")
+    os.remove(os.path.join(copy_of, "metrics.jsonl"))
+    shutil.copy(os.path.join(three_steps, "metrics.jsonl"), os.path.join(copy_of, "metrics.jsonl"))
+    proc = run_cli(overrides(assets, copy_of, **{"trainer.max_actor_ckpt_to_keep": 2}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if shard in line]
+    assert len(lines) == 1 and "is damaged" in lines[0] and "bytes, the manifest records" in lines[0]
+    assert f"resumed from {copy_of}/global_step_2 at step 2" in proc.stdout
+    assert comparable(metrics(copy_of)) == comparable(metrics(three_steps))
+    assert steps_on_disk(copy_of) == ["global_step_2", "global_step_3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["rng_rank0.pt", "trainer_state.json"])
+def test_missing_rng_or_trainer_state_fails_before_any_model_is_built(assets, copy_of, missing: str) -> None:
+    path = os.path.join(copy_of, "global_step_3")
+    os.remove(os.path.join(path, missing))
+    proc = run_cli(overrides(assets, copy_of, **{"trainer.resume_mode": path}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: trainer.resume_mode={path!r} is not a complete "
+                                                    f"checkpoint: {os.path.join(path, missing)} is missing")
+    assert "actor weights" not in proc.stdout  # printed once the models are built
+
+
+def _can_mount_tmpfs() -> bool:
+    if os.environ.get("MGAD_TEST_SMALL_FS") == "rlimit" or os.geteuid() != 0:
+        return False
+    probe = f"/tmp/mgad_mount_probe_{os.getpid()}"
+    os.makedirs(probe, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", probe], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", probe], check=True)
+    os.rmdir(probe)
+    return ok
+
+
+SMALL_FS = "tmpfs" if _can_mount_tmpfs() else "RLIMIT_FSIZE"
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small_fs", [SMALL_FS])
+def test_a_full_disk_names_itself_keeps_the_last_checkpoint_and_resume_works(assets, tmp_path, three_steps,
+                                                                             small_fs: str) -> None:
+    """A 16 MiB tmpfs holds one checkpoint (10.4 MiB) but not two; without mount rights, a 1 MiB
+    per-process file-size limit on the second run plays the full disk."""
+    mnt = str(tmp_path / "fs")
+    os.makedirs(mnt)
+    out = os.path.join(mnt, "run")
+    if small_fs == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt], check=True)
+    try:
+        if small_fs == "tmpfs":
+            full = run_cli(overrides(assets, out))
+            cause = "no space left on device"
+        else:
+            assert run_cli(overrides(assets, out, **{"trainer.total_training_steps": 1})).returncode == 0
+            full = run_cli(overrides(assets, out), preexec_fn=_file_size_limit(2**20))
+            cause = "file size limit exceeded"
+        assert full.returncode == 2, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {cause} while writing {out}/global_step_2.tmp/"), last
+        assert "global_step_2.tmp removed, earlier checkpoints untouched" in last
+        assert steps_on_disk(out) == ["global_step_1"] and open(os.path.join(out, MARKER)).read() == "1"
+        if small_fs == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=64m", mnt], check=True)
+        resumed = run_cli(overrides(assets, out))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {out}/global_step_1 at step 1" in resumed.stdout
+        assert comparable(metrics(out)) == comparable(metrics(three_steps))
+    finally:
+        if small_fs == "tmpfs":
+            subprocess.run(["umount", mnt], check=True)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_directory_is_refused(assets, tmp_path, three_steps) -> None:
+    out = str(tmp_path / "run")
+    first = _start(overrides(assets, out))
+    lock = os.path.join(out, "run.lock")
+    wait_for(first, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0, "the lock")
+    second = run_cli(overrides(assets, out))
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: trainer.default_local_dir={out!r} is in use by another run (host={os.uname().nodename} "
+        f"pid={first.pid}; lock file {lock})")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert comparable(metrics(out)) == comparable(metrics(three_steps))  # the first run lost nothing
