@@ -164,7 +164,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until ``total_steps``; validate, save and export as configured. Returns the last
-        step's metrics (identical on every rank)."""
+        step's metrics (identical on every rank). A ``trainer.save_on_signal`` signal on any rank
+        during the loop stops every rank at the next step boundary with a checkpoint of that step
+        (``stopped_by`` names it; no export)."""
         from megatron_gad.runtime.preemption import StopOnSignal
 
         cfg, last = self.cfg.trainer, {}
