@@ -23,6 +23,7 @@ import enum
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -111,6 +112,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.run_lock, self.resume_path = self._claim_run_dir()  # before any model is built
         self.c: Components = build_components(cfg)
         t = cfg.trainer
         #: Steps [0, generator_warmup_end) are the generator warmup; the policy phase starts at policy_start.
@@ -123,6 +125,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.weights_stale = True
+        self.stopped_by: str | None = None
         kl = cfg.algorithm.kl_ctrl
         self.kl_ctrl = KLController(kl.kl_coef, kl.type == "adaptive", kl.target_kl, kl.horizon)
         self._resume()
@@ -141,13 +144,51 @@ class Trainer:
             roles["critic"] = (self.c.critic.chunks, self.c.critic.optimizer)
         return roles
 
+    def _claim_run_dir(self) -> tuple[Any, str | None]:
+        """Before any model is built (collective): rank 0 locks ``default_local_dir`` (one run
+        per directory), clears incomplete saves and picks the checkpoint to resume from (the
+        newest intact one, each damaged one named in a line); every rank gets its decision, or
+        raises the same CheckpointError."""
+        from megatron_gad.errors import UserError
+        from megatron_gad.runtime import init_distributed
+        from megatron_gad.runtime.preemption import RunLock, stop_with_launcher
+
+        stop_with_launcher()
+        layout, t = self.cfg.actor_rollout_ref.megatron, self.cfg.trainer
+        init_distributed(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, seed=t.seed)
+        lock, decision = None, None
+        if dist.get_rank() == 0:
+            try:
+                lock = RunLock(t.default_local_dir)
+                for line in [lock.acquire()] + [f"removed incomplete checkpoint {p}"
+                                                for p in ckpt.clean_incomplete(t.default_local_dir)]:
+                    self._warn0(line)
+                notes: list[str] = []
+                decision = ("resume", ckpt.resolve_resume(t.default_local_dir, t.resume_mode, notes))
+                for line in notes:
+                    self._warn0(line)
+                saved = ckpt.saved_world_size(decision[1]) if decision[1] else None
+                if saved not in (None, dist.get_world_size()):
+                    self._warn0(f"{decision[1]} was saved by {saved} ranks, this run has {dist.get_world_size()}: "
+                                f"the RNG streams restart from trainer.seed (the continuation is not bit-identical)")
+            except UserError as exc:
+                if lock is not None:
+                    lock.release()
+                decision = ("error", exc)
+        box = [decision if decision is None or decision[0] == "resume" else ("error", str(decision[1]))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0][0] == "error":
+            if dist.get_rank() == 0:
+                raise decision[1]
+            raise ckpt.CheckpointError(box[0][1])
+        return lock, box[0][1]
+
+    def _warn0(self, line: str | None) -> None:
+        if line and dist.get_rank() == 0:
+            print(f"[megatron_gad] warning: {line}", file=sys.stderr, flush=True)
+
     def _resume(self) -> None:
-        root = self.cfg.trainer.default_local_dir
-        if self.c.info.rank == 0:
-            for path in ckpt.clean_incomplete(root):
-                logger.warning("removed incomplete checkpoint %s", path)
-        dist.barrier()
-        path = ckpt.resolve_resume(root, self.cfg.trainer.resume_mode)
+        path = self.resume_path
         if path is None:
             return
         state = ckpt.load_training_checkpoint(path, self._roles())
@@ -164,7 +205,25 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until ``total_steps``; validate, save and export as configured. Returns the last
-        step's metrics (identical on every rank)."""
+        step's metrics (identical on every rank). A ``trainer.save_on_signal`` signal on any rank
+        during the loop stops every rank at the next step boundary with a checkpoint of that step
+        (``stopped_by`` names it; no export)."""
+        from megatron_gad.runtime.preemption import StopOnSignal
+
+        cfg, last = self.cfg.trainer, {}
+        stop = StopOnSignal(cfg.save_on_signal)
+        try:
+            last = self._loop(stop)
+        finally:
+            stop.restore()
+        if cfg.export_hf and self.c.total_steps > 0 and self.stopped_by is None:
+            self.export_actor(os.path.join(cfg.default_local_dir, "actor_hf"))
+        self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+        return last
+
+    def _loop(self, stop: Any) -> dict[str, float]:
         cfg, last = self.cfg.trainer, {}
         if self.validate_first:  # logged as step 0: the model before any update
             self.metrics.log(0, self.validate())
@@ -179,18 +238,23 @@ class Trainer:
             self.metrics.log(self.step, last)
             self._stop_if_nonfinite()
             last_step = self.step == self.c.total_steps
-            if (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or (cfg.save_freq != 0 and last_step):
+            saved = (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or (cfg.save_freq != 0 and last_step)
+            if saved:
                 self.save()
-        if cfg.export_hf and self.c.total_steps > 0:
-            self.export_actor(os.path.join(cfg.default_local_dir, "actor_hf"))
-        self.metrics.close()
+            self.stopped_by = stop.agreed()  # collective: any rank's signal stops every rank here
+            if self.stopped_by is not None:
+                path = os.path.join(cfg.default_local_dir, f"global_step_{self.step}") if saved else self.save()
+                self._log0(f"stopping after step {self.step} ({self.stopped_by}): saved {path}; "
+                           f"run the same command to resume")
+                break
         return last
 
     def save(self) -> str:
         """Checkpoint both roles, the data position and this rank's RNG (collective)."""
         state = {"step": self.step, "data": self.c.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
                  "kl_coef": self.kl_ctrl.coef}
-        return ckpt.save_training_checkpoint(self.cfg.trainer.default_local_dir, self.step, self._roles(), state)
+        return ckpt.save_training_checkpoint(self.cfg.trainer.default_local_dir, self.step, self._roles(), state,
+                                             keep=self.cfg.trainer.keep_checkpoints())
 
     def export_actor(self, out_dir: str) -> None:
         """Write the trained actor as a Hugging Face directory (collective)."""
@@ -518,8 +582,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     try:
         trainer = Trainer(cfg)
         metrics = trainer.fit()
-        resumed = f" (resumed at step {trainer.first_step}, now at {trainer.step})" if trainer.first_step else ""
-        trainer._log0(f"finished {trainer.step - trainer.first_step} steps{resumed} in {time.time() - start:.0f}s")
+        if trainer.stopped_by is None:
+            resumed = f" (resumed at step {trainer.first_step}, now at {trainer.step})" if trainer.first_step else ""
+            trainer._log0(f"finished {trainer.step - trainer.first_step} steps{resumed} in {time.time() - start:.0f}s")
         return metrics
     finally:
         destroy_distributed()

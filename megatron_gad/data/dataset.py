@@ -94,7 +94,24 @@ def read_parquet_rows(path: str) -> tuple[list[str], dict[str, list[Any]]]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read as a parquet file ({type(exc).__name__}: {exc})") from None
-    return list(table.column_names), {name: table.column(name).to_pylist() for name in table.column_names}
+    return list(table.column_names), {name: _column_values(table.column(name), path, name)
+                                      for name in table.column_names}
+
+
+def _column_values(column: Any, path: str, name: str) -> list[Any]:
+    """A parquet column as python values; DataError naming the file, row and column when a
+    string in it is not valid UTF-8 (pyarrow's own error names none of them)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    for i in range(len(column)):  # the slow path, only to find the bad row
+        try:
+            column[i].as_py()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} row {i} column '{name}': not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                            f"at offset {exc.start} of a string value)") from None
+    raise DataError(f"{path} column '{name}': not valid UTF-8 text")
 
 
 def _as_list(value: Any) -> list[Any] | None:
