@@ -38,6 +38,7 @@ def overrides(assets, out: str, **extra: object) -> list[str]:
     """The tiny GAD run of the e2e tests: 4 prompts a step, 2 responses each, no validation."""
     base = {
         "data.train_files": assets.train_file, "data.val_files": assets.val_file, "data.train_batch_size": 4,
+        "data.max_prompt_length": 32, "data.max_response_length": 24,
         "actor_rollout_ref.model.path": assets.student_dir,
         "actor_rollout_ref.model.tokenizer_path": assets.tokenizer_dir,
         "critic.model.path": assets.discriminator_dir,
@@ -194,15 +195,17 @@ def test_no_intact_checkpoint_is_an_error_not_a_restart(copy_of) -> None:
     assert resolve_resume(copy_of, "disable") is None
 
 
-def test_retention_spellings_must_agree() -> None:
+def test_retention_spellings_must_agree(assets, tmp_path) -> None:
     from megatron_gad.config import ConfigError, load_config
 
-    cfg = load_config(CONFIG, ["trainer.max_critic_ckpt_to_keep=3"], world_size=1)
+    base = overrides(assets, str(tmp_path))
+    cfg = load_config(CONFIG, [*base, "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
     assert cfg.trainer.keep_checkpoints() == 3
     with pytest.raises(ConfigError, match="max_actor_ckpt_to_keep=2, max_critic_ckpt_to_keep=3 differ"):
-        load_config(CONFIG, ["trainer.max_actor_ckpt_to_keep=2", "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
+        load_config(CONFIG, [*base, "trainer.max_actor_ckpt_to_keep=2", "trainer.max_critic_ckpt_to_keep=3"],
+                    world_size=1)
     with pytest.raises(ConfigError, match="max_ckpt_to_keep must be >= 1"):
-        load_config(CONFIG, ["trainer.max_ckpt_to_keep=0"], world_size=1)
+        load_config(CONFIG, [*base, "trainer.max_ckpt_to_keep=0"], world_size=1)
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path) -> None:
