@@ -102,7 +102,8 @@ class SafetensorsReader:
     def add_critic_head(self, std: float, seed: int = 0) -> None:
         """Read a ``*ForCausalLM`` checkpoint as a critic: drop ``lm_head.weight`` and add a
         ``score.weight`` ``[1, hidden]`` drawn from N(0, std^2) with ``seed`` (the same tensor on
-        every rank). Raises ConversionError when the checkpoint already has ``score.weight``."""
+        every rank; ``std=0``: a zero head, the trainer's choice). Raises ConversionError when the
+        checkpoint already has ``score.weight``."""
         if "score.weight" in self.files:
             raise ConversionError("the HF checkpoint already has score.weight: drop --init-score-head")
         self.files.pop("lm_head.weight", None)

@@ -144,8 +144,8 @@ class Engines:
 def _load_hf_weights(engine: Any, hf_dir: str, hf_config: Any, role: str) -> bool:
     """Fill this rank's stage from the safetensors in ``hf_dir``; False when it has none (the
     Megatron initialisation stays, as for the demo's config-only models). A critic initialised
-    from a causal LM (no ``score.weight``) keeps its freshly initialised scalar head: the GAD
-    recipe's "generator plus a scalar head"."""
+    from a causal LM (no ``score.weight``) gets a zero scalar head: the GAD recipe's "generator
+    plus a scalar head", scoring every sequence alike until it has been trained."""
     import glob
 
     from megatron_gad.convert import fill_stage_from_hf
@@ -156,7 +156,7 @@ def _load_hf_weights(engine: Any, hf_dir: str, hf_config: Any, role: str) -> boo
         return False
     reader = SafetensorsReader(hf_dir)
     if role == "critic" and "score.weight" not in reader.files:
-        reader.add_critic_head(float(getattr(hf_config, "initializer_range", 0.02)))
+        reader.add_critic_head(0.0)
     fill_stage_from_hf(unwrap(engine.chunks[0]), reader, hf_config, role)
     return True
 
