@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import TrainConfig, save_resolved
 from megatron_gad.data.batch import Mode, PromptBatch
+from megatron_gad.data.demo import TASK_STYLES, check_response
 from megatron_gad.engine import PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch, local_mini_batch_size
 from megatron_gad.experience import Experience, KLController, compute_advantages, join, teacher_forced_scores
 from megatron_gad.losses import discriminator_accuracy, kl_penalty
@@ -68,6 +69,21 @@ def token_agreement(student: SequenceBatch, batch: PromptBatch) -> tuple[float, 
     width = min(teacher.shape[1], student.responses.shape[1])
     same = (student.responses[:, :width] == teacher[:, :width]) & student.response_mask[:, :width].bool()
     return float((same & teacher_mask[:, :width]).sum()), float(teacher_mask.sum())
+
+
+CHECKS = ("one_style", "valid", "correct")
+
+
+def checker_counts(batch: PromptBatch, texts: list[str]) -> torch.Tensor:
+    """Counts of :data:`CHECKS` passed, then of rows checked, by the demo tasks' checker
+    (:func:`check_response`) over the responses ``texts`` to ``batch``; rows of other data are
+    not checked."""
+    out = torch.zeros(len(CHECKS) + 1, dtype=torch.float64)
+    for source, text, info in zip(batch.data_source, texts, extra_infos(batch)):
+        verdict = check_response(source, text, info["a"], info["b"]) if info and "a" in info else None
+        if verdict is not None:
+            out += torch.tensor([*map(float, verdict), 1.0], dtype=torch.float64)
+    return out
 
 
 class Trainer:
@@ -244,17 +260,19 @@ class Trainer:
         sync_weights(self.c.exporter, engine)
         self.weights_stale = False
 
-    def _rollout(self, rows: PromptBatch, greedy: bool = False) -> Experience:
-        """Responses to ``rows`` from this replica's engine, shared with its model-parallel peers.
+    def _rollout(self, rows: PromptBatch, greedy: bool = False, once: bool = False) -> Experience:
+        """Responses to ``rows`` from this replica's engine, shared with its model-parallel peers
+        (``greedy`` or ``once``: one response per row of ``rows``, greedy or sampled).
         A diverged policy raises ModelDivergedError on every rank of the replica."""
         out: Any = None
         if self.c.rollout is not None:
             seed = self.cfg.trainer.seed * 1_000_003 + self.step * 101 + self.c.info.dp_rank
+            single = greedy or once
             try:
-                gen = self.c.rollout.generate(rows.input_ids[:: self.c.rollout_n] if not greedy else rows.input_ids,
-                                              rows.attention_mask[:: self.c.rollout_n] if not greedy
+                gen = self.c.rollout.generate(rows.input_ids[:: self.c.rollout_n] if not single else rows.input_ids,
+                                              rows.attention_mask[:: self.c.rollout_n] if not single
                                               else rows.attention_mask,
-                                              n=1 if greedy else self.c.rollout_n, greedy=greedy, seed=seed)
+                                              n=1 if single else self.c.rollout_n, greedy=greedy, seed=seed)
                 out = (gen.responses, gen.response_mask, gen.rollout_log_probs)
             except ModelDivergedError as exc:  # the peers wait for this rank's broadcast: send them the error
                 out = exc
@@ -381,9 +399,13 @@ class Trainer:
         on GAD data, the share of responses identical to the teacher's, the share of teacher
         response tokens reproduced (``val/teacher_token_agreement``) and, with
         ``trainer.teacher_forced_validation``, the actor's mean log-probability per teacher
-        response token (``val/teacher_log_prob``, temperature 1)."""
+        response token (``val/teacher_log_prob``, temperature 1). On the demo tasks also the
+        checker's share of responses in one complete style, valid and correct
+        (``val/checker_one_style``, ``val/checker_valid``, ``val/checker_correct``: greedy) and the
+        same for one sample per prompt at the rollout temperature (``val/checker_*_sampled``)."""
         # reward, exact, matched tokens, teacher tokens, rows, teacher log-prob sum
         sums = torch.zeros(6, dtype=torch.float64)
+        checks = torch.zeros(2 * len(CHECKS) + 2, dtype=torch.float64)  # greedy, then sampled
         teacher_batches: list[PromptBatch] = []
         diverged = None
         try:
@@ -402,6 +424,11 @@ class Trainer:
                     sums[2:4] += torch.tensor(token_agreement(exp.student, batch))
                     teacher_batches.append(batch)
                 sums[4] += len(texts)
+                checks[:len(CHECKS) + 1] += checker_counts(batch, texts)
+                if any(s in TASK_STYLES for s in batch.data_source):  # a demo task: its sampled answers too
+                    sampled = self._rollout(batch, once=True).student
+                    checks[len(CHECKS) + 1:] += checker_counts(batch, self.c.decode(sampled.responses,
+                                                                                    sampled.response_mask))
         except ModelDivergedError as exc:
             diverged = exc
         self._release_rollout()
@@ -417,6 +444,12 @@ class Trainer:
                 out["val/teacher_log_prob"] = float(totals[5] / totals[3].clamp(min=1))
         if self.reward_fn is not None:
             out["val/reward"] = float(totals[0] / totals[4])
+        checks = self.c.dp_sum(checks)
+        k = len(CHECKS)
+        if checks[k] > 0:
+            for start, suffix in ((0, ""), (k + 1, "_sampled")):
+                for i, name in enumerate(CHECKS):
+                    out[f"val/checker_{name}{suffix}"] = float(checks[start + i] / checks[start + k])
         return out
 
 
