@@ -28,7 +28,7 @@ from torch import Tensor
 from megatron_gad.engine.batch import PairBatch, PolicyBatch, SftBatch, ValueBatch, model_inputs, to_device
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.metrics import MetricAccumulator
-from megatron_gad.losses import agg_loss, discriminator_accuracy, discriminator_loss, kl_penalty
+from megatron_gad.losses import agg_loss, discriminator_half_points, discriminator_loss, kl_penalty
 from megatron_gad.losses import policy_loss, value_loss
 from megatron_gad.models.critic import sequence_scores
 from megatron_gad.models.inputs import attention_mask_4d
@@ -103,11 +103,10 @@ def policy_loss_func(settings: ActorConfig, temperature: float, vocab_size: int,
         loss = loss + settings.kl_loss_coef * kl
         acc.add_sum("actor/kl_loss", kl)
     tokens = mask.sum()
-    rows = (mask.sum(-1) > 0).float().sum()
     acc.add_sum("actor/pg_loss", pg_loss)
     acc.add_sum("actor/entropy", entropy_agg)
-    acc.add_mean("actor/pg_clipfrac", pg_metrics["pg_clipfrac"], rows if settings.policy_loss == "gspo" else tokens)
-    acc.add_mean("actor/pg_clipfrac_lower", pg_metrics["pg_clipfrac_lower"], tokens)
+    acc.add_count("actor/pg_clipfrac", pg_metrics["pg_clipped"], pg_metrics["pg_clip_units"])
+    acc.add_count("actor/pg_clipfrac_lower", pg_metrics["pg_clipped_lower"], batch.seq.response_mask.sum())
     acc.add_mean("actor/ppo_kl", pg_metrics["ppo_kl"], tokens)
     return loss * scale, {}
 
@@ -134,7 +133,7 @@ def discriminator_loss_func(num_pairs: Tensor, scale: float, acc: MetricAccumula
     loss = discriminator_loss(teacher, student) * (b / num_pairs.clamp(min=1.0))
     weight = torch.tensor(float(b), device=token_scores.device)
     acc.add_sum("critic/d_loss", loss)
-    acc.add_mean("critic/d_acc", discriminator_accuracy(teacher, student), weight)
+    acc.add_count("critic/d_acc", discriminator_half_points(teacher, student), 2 * b)
     acc.add_mean("critic/student_value_mean", student.mean(), weight)
     acc.add_mean("critic/teacher_value_mean", teacher.mean(), weight)
     return loss * scale, {}
@@ -149,7 +148,7 @@ def value_loss_func(cliprange_value: float, loss_agg_mode: str, normalizer: Tens
                                loss_agg_mode, normalizer)
     tokens = mask.sum()
     acc.add_sum("critic/vf_loss", loss)
-    acc.add_mean("critic/vf_clipfrac", metrics["vf_clipfrac"], tokens)
+    acc.add_count("critic/vf_clipfrac", metrics["vf_clipped"], batch.seq.response_mask.sum())
     acc.add_mean("critic/vpred_mean", metrics["vpred_mean"], tokens)
     return loss * scale, {}
 

@@ -7,7 +7,7 @@ Entropy is aggregated with ``entropy_loss`` (an alias of ``agg_loss``).
 """
 
 from megatron_gad.losses.advantages import gae_advantages, grpo_advantages, masked_whiten
-from megatron_gad.losses.critic import discriminator_accuracy, discriminator_loss, value_loss
+from megatron_gad.losses.critic import discriminator_accuracy, discriminator_half_points, discriminator_loss, value_loss
 from megatron_gad.losses.policy import (
     KL_KINDS,
     LOSS_AGG_MODES,
@@ -29,6 +29,7 @@ __all__ = [
     "agg_normalizer",
     "check_choice",
     "discriminator_accuracy",
+    "discriminator_half_points",
     "discriminator_loss",
     "entropy_loss",
     "gae_advantages",

@@ -30,10 +30,24 @@ def discriminator_loss(teacher_scores: Tensor, student_scores: Tensor) -> Tensor
     return -F.logsigmoid(teacher_scores - student_scores).mean()
 
 
-def discriminator_accuracy(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
-    """Share of pairs ``[B]`` where the teacher outscores the student (ties count as wrong), 0-dim."""
+def discriminator_half_points(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
+    """Integer count ``2 * wins + ties`` over the pairs ``[B]`` (int64, 0-dim, detached).
+
+    A pair is a win where the teacher scores strictly above the student and a tie where the two
+    scores are equal; counting in half points keeps the accuracy an exact ratio of integers,
+    ``half_points / (2 B)``, which sums over micro-batches and ranks without rounding.
+    """
     _check_pair(teacher_scores, student_scores)
-    return (teacher_scores > student_scores).float().mean().detach()
+    wins = (teacher_scores > student_scores).sum()
+    ties = (teacher_scores == student_scores).sum()
+    return (2 * wins + ties).detach()
+
+
+def discriminator_accuracy(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
+    """Share of pairs ``[B]`` where the teacher outscores the student, ties counting one half
+    (so an untrained discriminator that scores everything alike gives 0.5), fp32 0-dim."""
+    points = discriminator_half_points(teacher_scores, student_scores)
+    return (points.float() / (2 * max(teacher_scores.numel(), 1))).detach()
 
 
 def value_loss(vpreds: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor,
@@ -43,8 +57,14 @@ def value_loss(vpreds: Tensor, old_values: Tensor, returns: Tensor, response_mas
 
     Per token 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2), aggregated by
     ``agg_loss(..., loss_agg_mode, normalizer)`` (see its normaliser contract). Metrics
-    (detached 0-dim, over the local valid tokens): ``vf_clipfrac`` (share of tokens where the
-    clipped term is strictly larger) and ``vpred_mean``.
+    (detached 0-dim, over the local valid tokens): ``vf_clipped`` (int64 count of tokens where
+    the clip is active, ``|v - v_old| > c``, and the clipped term is the larger), ``vf_clipfrac``
+    (that count over the valid tokens) and ``vpred_mean``.
+
+    Where the clip is inactive the two terms are equal in exact arithmetic, but
+    ``v_old + (v - v_old)`` can round one ulp away from ``v``; comparing the squares alone would
+    then count such a token as clipped or not by rounding noise, so the clip's activity is tested
+    on ``|v - v_old|`` itself.
     """
     mask = response_mask.to(vpreds.dtype)
     clipped_v = old_values + (vpreds - old_values).clamp(-cliprange_value, cliprange_value)
@@ -52,8 +72,12 @@ def value_loss(vpreds: Tensor, old_values: Tensor, returns: Tensor, response_mas
     clipped_sq = (clipped_v - returns).square()
     loss_mat = 0.5 * torch.maximum(unclipped_sq, clipped_sq)
     loss = agg_loss(loss_mat, mask, loss_agg_mode, normalizer)
+    active = (vpreds - old_values).abs() > cliprange_value
+    clipped = active & (clipped_sq > unclipped_sq) & (response_mask > 0)
+    count = clipped.sum().detach()
     metrics = {
-        "vf_clipfrac": masked_mean((clipped_sq > unclipped_sq).to(mask.dtype), mask).detach(),
+        "vf_clipped": count,
+        "vf_clipfrac": (count.to(vpreds.dtype) / mask.sum().clamp(min=1.0)).detach(),
         "vpred_mean": masked_mean(vpreds, mask).detach(),
     }
     return loss, metrics

@@ -137,10 +137,13 @@ def _seq_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor) -> Tens
 
 
 def _clipped_pg(ratio: Tensor, adv: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
-    """Pessimistic clipped surrogate max(-A r, -A clip(r)) and where the clipped term won."""
+    """Pessimistic clipped surrogate max(-A r, -A clip(r)) and where the clip decided it: the
+    ratio lies outside ``[1 - low, 1 + high]`` (the clip is active) and the clipped term is the
+    larger one."""
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - low, 1.0 + high)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+    active = (ratio < 1.0 - low) | (ratio > 1.0 + high)
+    return torch.maximum(unclipped, clipped), active & (clipped > unclipped)
 
 
 def _ppo(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, mask: Tensor, low: float,
@@ -204,10 +207,12 @@ def policy_loss(mode: str, log_prob: Tensor, old_log_prob: Tensor, advantages: T
     (the known "exploding GSPO loss" bug).
 
     Returns ``(loss, metrics)``: loss is 0-dim, aggregated by ``agg_loss`` with ``normalizer``;
-    metrics (detached 0-dim): ``pg_clipfrac`` (share of valid tokens, or of non-empty sequences
-    for ``gspo``, where the clipped term was the larger), ``pg_clipfrac_lower`` (share of valid
-    tokens capped by the dual clip; 0 without it), ``ppo_kl`` (mean of old_logp - logp over valid
-    tokens).
+    metrics (detached 0-dim): ``pg_clipped`` / ``pg_clip_units`` (int64 counts: valid tokens, or
+    non-empty sequences for ``gspo``, where the clip was active and the clipped term the larger;
+    and the number of such units), ``pg_clipfrac`` (their ratio), ``pg_clipped_lower`` (int64
+    count of valid tokens capped by the dual clip; 0 without it) and ``pg_clipfrac_lower`` (that
+    count over the valid tokens), ``ppo_kl`` (mean of old_logp - logp over valid tokens). The
+    counts are exact, so they sum over micro-batches and ranks without rounding.
     """
     check_choice("policy loss mode", mode, POLICY_LOSS_MODES)
     check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
@@ -218,22 +223,28 @@ def policy_loss(mode: str, log_prob: Tensor, old_log_prob: Tensor, advantages: T
     mask = response_mask.to(log_prob.dtype)
     advantages = advantages.to(log_prob.dtype)
     lower = torch.zeros_like(mask)
+    valid = mask > 0
     if mode == "ppo":
         loss_mat, clipped, lower = _ppo(log_prob, old_log_prob, advantages, mask, clip_ratio_low,
                                         clip_ratio_high, clip_ratio_c)
-        clipfrac = masked_mean(clipped.to(mask.dtype), mask)
+        units = valid
     elif mode == "gspo":
         loss_mat, clipped = _gspo(log_prob, old_log_prob, advantages, mask, clip_ratio_low,
                                   clip_ratio_high)
-        clipfrac = masked_mean(clipped.to(mask.dtype), mask.sum(-1) > 0)
+        units = valid.any(-1)
     else:
         loss_mat, clipped = _gspo_token(log_prob, old_log_prob, advantages, mask, clip_ratio_low,
                                         clip_ratio_high)
-        clipfrac = masked_mean(clipped.to(mask.dtype), mask)
+        units = valid
     loss = agg_loss(loss_mat, mask, loss_agg_mode, normalizer)
+    clipped_count, unit_count = (clipped.bool() & units).sum(), units.sum()
+    lower_count, token_count = (lower.bool() & valid).sum(), valid.sum()
     metrics = {
-        "pg_clipfrac": clipfrac.detach(),
-        "pg_clipfrac_lower": masked_mean(lower.to(mask.dtype), mask).detach(),
+        "pg_clipped": clipped_count.detach(),
+        "pg_clip_units": unit_count.detach(),
+        "pg_clipfrac": (clipped_count.to(mask.dtype) / unit_count.clamp(min=1)).detach(),
+        "pg_clipped_lower": lower_count.detach(),
+        "pg_clipfrac_lower": (lower_count.to(mask.dtype) / token_count.clamp(min=1)).detach(),
         "ppo_kl": masked_mean(old_log_prob - log_prob, mask).detach(),
     }
     return loss, metrics

@@ -6,6 +6,12 @@ and low-var KL to a reference), critic scores and values (forward-only), one dis
 and one value step (token-mean). The reference is one process with ONE micro-batch; the layouts are
 TP=1 with 4 micro-batches, TP=2, PP=2, TP=2 x PP=2 and DP=2 (2 micro-batches each where possible).
 
+Count-based metrics (the clip fractions and ``critic/d_acc``) are exact ratios of integer counts
+and are compared as counts: every layout must count every token, sequence and pair alike
+(``COUNT_UNITS``). ``test_clip_decisions_are_away_from_ties`` checks that no clip decision of the
+first policy step or of the value step is within rounding reach of its boundary, so a count can
+only differ through a real bug.
+
 The rows are built so that a LOCAL normaliser would be wrong: response lengths are short on the
 first data-parallel half and long on the second, and one response is empty (so the number of
 non-empty sequences differs between micro-batches); ``test_data_is_sensitive_to_the_normaliser``
@@ -136,14 +142,27 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     out["values"] = critic.compute_values(student, micro_batch_size=micro)
     out["d_metrics"] = critic.update_discriminator(PairBatch(student, teacher))
     out["d_grads"], _ = grads_and_params(critic)
+    out["values_after_d"] = critic.compute_values(student, micro_batch_size=micro)  # the value step's v
     out["v_metrics"] = critic.update_values(ValueBatch(student, d["old_values"], d["returns"]))
     out["v_grads"], out["critic_params"] = grads_and_params(critic)
     return out
 
 
-TENSOR_KEYS = ("log_probs", "frozen_log_probs", "entropy", "scores", "values")
+TENSOR_KEYS = ("log_probs", "frozen_log_probs", "entropy", "scores", "values", "values_after_d")
 NAMED_KEYS = ("actor_grads", "ppo_grads", "sft_grads", "actor_params", "d_grads", "v_grads", "critic_params")
 METRIC_KEYS = ("actor_metrics", "ppo_metrics", "sft_metrics", "d_metrics", "v_metrics")
+TOKENS, SEQUENCES = sum(RESP_LENS), sum(1 for n in RESP_LENS if n > 0)
+# Count-based metrics and the number of units (tokens, sequences, half points of pairs) each
+# fraction is taken over, times the epochs it is averaged over: |difference| * units = the number
+# of units counted differently, which must be 0.
+COUNT_UNITS = {
+    ("actor_metrics", "actor/pg_clipfrac"): SEQUENCES,  # GSPO: one clip decision per sequence
+    ("actor_metrics", "actor/pg_clipfrac_lower"): TOKENS,
+    ("ppo_metrics", "actor/pg_clipfrac"): 2 * TOKENS,  # PPO: per token, mean over 2 epochs
+    ("ppo_metrics", "actor/pg_clipfrac_lower"): 2 * TOKENS,
+    ("d_metrics", "critic/d_acc"): 2 * ROWS,  # 2 points per won pair, 1 per tie
+    ("v_metrics", "critic/vf_clipfrac"): TOKENS,
+}
 
 
 def merge(results: list[dict]) -> dict:
@@ -177,8 +196,16 @@ def compare(ref: dict, got: dict) -> dict[str, float]:
         diffs[key] = max((ref[key][n] - got[key][n]).abs().max().item() for n in ref[key])
     for key in METRIC_KEYS:
         assert set(ref[key]) == set(got[key])
-        diffs[key] = max(abs(ref[key][m] - got[key][m]) / max(1.0, abs(ref[key][m])) for m in ref[key])
+        diffs[key] = max(abs(ref[key][m] - got[key][m]) / max(1.0, abs(ref[key][m])) for m in ref[key]
+                         if (key, m) not in COUNT_UNITS)
+    for (key, m), units in COUNT_UNITS.items():
+        diffs[f"{m} ({key}) units counted differently"] = abs(ref[key][m] - got[key][m]) * units
     return diffs
+
+
+def count_mismatches(diffs: dict[str, float]) -> dict[str, float]:
+    """Count metrics must agree exactly (ratios of the same integers are the same floats)."""
+    return {k: v for k, v in diffs.items() if "counted differently" in k and v != 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +242,30 @@ def test_layout_matches_reference(reference, tp: int, pp: int, world: int, micro
     diffs = compare(ref, got)
     print(f"\nmax abs diff tp={tp} pp={pp} dp={world // (tp * pp)} micro={micro}: "
           + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
-    bad = {k: v for k, v in diffs.items() if v > TOL}
+    bad = {k: v for k, v in diffs.items() if v > TOL and "counted differently" not in k}
     assert not bad, f"layout differs from the single-process reference: {bad}"
+    assert not count_mismatches(diffs), f"layout counts differently from the reference: {count_mismatches(diffs)}"
+
+
+def test_clip_decisions_are_away_from_ties(reference) -> None:
+    """The inputs keep every clip decision of the first GSPO step and of the value step at least
+    1e-4 from its boundary, far beyond the ~1e-7 differences between layouts, and every
+    discriminator pair is decided (no exact tie). The PPO step runs on the weights after the GSPO
+    step and its second epoch after one more step; its ratios are not observable from outside the
+    engine, so its counts are checked by the parity alone (with these seeds they agree)."""
+    ref, _ = reference
+    d = make_data()
+    valid = d["student"]["response_mask"].bool()
+    lengths = valid.sum(-1)
+    seq_log_ratio = ((ref["log_probs"] - d["old_log_probs"]) * valid).sum(-1) / lengths.clamp(min=1)
+    ratio = seq_log_ratio.exp()[lengths > 0]
+    assert torch.minimum((ratio - 0.95).abs(), (ratio - 1.05).abs()).min() > 1e-4
+    step = (ref["values_after_d"] - d["old_values"]).abs()[valid]
+    assert (step - 0.2).abs().min() > 1e-4
+    clipped_v = (d["old_values"] + (ref["values_after_d"] - d["old_values"]).clamp(-0.2, 0.2))[valid]
+    gap = ((clipped_v - d["returns"][valid]).square() - (ref["values_after_d"][valid] - d["returns"][valid]).square())
+    assert gap[step > 0.2].abs().min() > 1e-4, "an active value clip is a near-tie between its two terms"
+    assert 0.0 < ref["v_metrics"]["critic/vf_clipfrac"] < 1.0
 
 
 def test_log_probs_equal_a_direct_float64_reference(reference) -> None:

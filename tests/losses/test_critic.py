@@ -9,6 +9,7 @@ from megatron_gad.losses import (
     LOSS_AGG_MODES,
     agg_normalizer,
     discriminator_accuracy,
+    discriminator_half_points,
     discriminator_loss,
     value_loss,
 )
@@ -45,9 +46,45 @@ def test_discriminator_loss_is_stable_for_huge_gaps() -> None:
 
 def test_discriminator_accuracy() -> None:
     teacher = torch.tensor([1.0, 2.0, 3.0, 0.5])
-    student = torch.tensor([0.0, 2.0, 4.0, -1.0])  # win, tie (not a win), loss, win
+    student = torch.tensor([0.0, 2.0, 4.0, -1.0])  # win, tie (half a win), loss, win
     acc = discriminator_accuracy(teacher, student)
-    assert acc.dtype == torch.float32 and acc.dim() == 0 and acc.item() == pytest.approx(0.5)
+    assert acc.dtype == torch.float32 and acc.dim() == 0 and acc.item() == pytest.approx(2.5 / 4)
+    points = discriminator_half_points(teacher, student)
+    assert points.dtype == torch.int64 and points.item() == 5  # 2 per win, 1 per tie
+
+
+def test_untrained_discriminator_scores_one_half() -> None:
+    """A discriminator that scores every response alike (a zero score head) is at chance."""
+    same = torch.zeros(6)
+    assert discriminator_accuracy(same, same).item() == 0.5
+    assert discriminator_loss(same, same).item() == pytest.approx(math.log(2))
+
+
+def test_vf_clipfrac_ignores_rounding_of_an_inactive_clip() -> None:
+    """Where |v - v_old| < c the clip is inactive: nothing is clipped, whatever the rounding.
+
+    With |v| much smaller than |v_old|, ``v_old + (v - v_old)`` rounds a few ulps away from ``v``
+    in float32, so the "clipped" square can exceed the unclipped one by rounding alone. Counting
+    on the squares alone made the metric depend on the last bits of ``v``, i.e. on the layout.
+    """
+    v = torch.tensor([-0.019070131704211235, -0.0039131976664066315])
+    old = torch.tensor([0.08892185986042023, 0.17228271067142487])
+    ret = torch.tensor([0.43676239252090454, -0.698036789894104])
+    c = 0.2
+    assert torch.all((v - old).abs() < c)
+    rounded = old + (v - old).clamp(-c, c)
+    assert torch.all((rounded - ret).square() > (v - ret).square()), "the inputs no longer show the rounding"
+    loss, m = value_loss(v[None], old[None], ret[None], torch.ones(1, 2), c, "token-mean")
+    assert m["vf_clipped"].item() == 0 and m["vf_clipfrac"].item() == 0.0
+    torch.testing.assert_close(loss, 0.5 * (v - ret).square().mean())
+
+
+def test_vf_clipfrac_counts_active_clips_where_the_clipped_term_wins() -> None:
+    old = torch.zeros(1, 4)
+    v = torch.tensor([[0.5, 0.5, -0.5, 0.1]])  # active, active, active, inactive
+    ret = torch.tensor([[1.0, -1.0, 1.0, 5.0]])  # clipped term larger: no, yes, no, (inactive)
+    _, m = value_loss(v, old, ret, torch.ones(1, 4), 0.2, "token-mean")
+    assert m["vf_clipped"].item() == 1 and m["vf_clipfrac"].item() == pytest.approx(0.25)
 
 
 def test_discriminator_rejects_mismatched_shapes() -> None:
@@ -77,7 +114,7 @@ def ref_value_loss(v, old, ret, mask, c, mode):
                 continue
             vc = torch.clamp(v[i, t], old[i, t] - c, old[i, t] + c)
             a, b = (v[i, t] - ret[i, t]) ** 2, (vc - ret[i, t]) ** 2
-            clipped += int(b > a)
+            clipped += int(abs(float(v[i, t].detach() - old[i, t])) > c and b > a)
             n += 1
             vsum += float(v[i, t].detach())
             row.append(0.5 * torch.maximum(a, b))
