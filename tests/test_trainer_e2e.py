@@ -108,7 +108,7 @@ def test_demo_discriminator_starts_knowing_nothing(assets, tmp_path) -> None:
              "actor_rollout_ref.model.tokenizer_path": assets.tokenizer_dir,
              "critic.model.path": assets.discriminator_dir, "trainer.default_local_dir": out,
              "trainer.total_training_steps": 2, "trainer.test_freq": -1, "trainer.save_freq": -1,
-             "trainer.export_hf": False, "trainer.logger": "jsonl"}
+             "trainer.export_hf": False, "trainer.logger": "jsonl", "trainer.val_before_train": False}
     run_distributed(train, 1, args=("demo.yaml", [f"{k}={v}" for k, v in paths.items()]), timeout_s=600)
     first, second = read_metrics(out)
     assert first["critic/d_loss"] == pytest.approx(math.log(2), abs=1e-6)
