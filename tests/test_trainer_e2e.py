@@ -347,6 +347,9 @@ def test_gad_warmups_validation_diagnostics_and_export(assets, tmp_path) -> None
     assert all("critic/d_loss" in r for r in rows[1:])
     before, after = rows[0]["val/teacher_log_prob"], rows[3]["val/teacher_log_prob"]
     assert before < 0 and after < 0 and after != before
+    for suffix in ("", "_sampled"):  # the demo task's checker, on greedy and on sampled answers
+        one_style, valid, correct = (rows[3][f"val/checker_{n}{suffix}"] for n in ("one_style", "valid", "correct"))
+        assert 0.0 <= correct <= valid <= one_style <= 1.0
     assert result["same"], "the exported actor differs from the trained one"
     assert "config.json" in result["files"] and "tokenizer.json" in result["files"]
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor_hf"))
