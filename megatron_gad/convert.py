@@ -71,9 +71,9 @@ def preflight_hf(
             raise ConversionError("--init-score-head applies to --role critic only")
         reader.add_critic_head(init_score_head)
     elif role == "critic" and "score.weight" not in reader.files:
-        raise ConversionError(f"{hf_dir!r} has no score.weight (a causal LM, not a critic): add --init-score-head 0.02 "
-                              "to drop lm_head and start the scalar head from N(0, 0.02^2) (GAD's discriminator is "
-                              "the student plus a scalar head)")
+        raise ConversionError(f"{hf_dir!r} has no score.weight (a causal LM, not a critic): add --init-score-head 0 "
+                              "to drop lm_head and start from a zero scalar head, as the trainer starts GAD's "
+                              "discriminator (the student plus a scalar head); a positive STD draws it from N(0, STD^2)")
     hfm.check_hf_keys(reader.keys(), config, role)
     for name, shape in hfm.hf_expected_shapes(config, role).items():
         if reader.shape(name) != shape:

@@ -204,7 +204,8 @@ class SafetensorsReader:
     def add_critic_head(self, std: float, seed: int = 0) -> None:
         """Read a ``*ForCausalLM`` checkpoint as a critic: drop ``lm_head.weight`` and add a
         ``score.weight`` ``[1, hidden]`` drawn from N(0, std^2) with ``seed`` (the same tensor on
-        every rank). Raises ConversionError when the checkpoint already has ``score.weight``."""
+        every rank; ``std=0``: a zero head, the trainer's choice). Raises ConversionError when the
+        checkpoint already has ``score.weight``."""
         if "score.weight" in self.files:
             raise ConversionError("the HF checkpoint already has score.weight: drop --init-score-head")
         self.files.pop("lm_head.weight", None)
@@ -347,8 +348,8 @@ def check_model_weights(directory: str, key: str, role: str, random_init: bool) 
     role_of_checkpoint = megatron_checkpoint_role(directory)
     if role_of_checkpoint is not None:
         if role_of_checkpoint != role:
-            hint = (" --role critic --init-score-head 0.02 (the discriminator starts as the student plus "
-                    "a scalar head), or give the HF directory" if role == "critic" else " --role actor")
+            hint = (" --role critic --init-score-head 0 (the discriminator starts as the student plus a zero "
+                    "scalar head), or give the HF directory" if role == "critic" else " --role actor")
             raise ConversionError(f"{key}={directory!r} is a Megatron {role_of_checkpoint} checkpoint, but the "
                                   f"{role} needs a {role} one: convert with hf_to_megatron.py{hint}")
         return "megatron"

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import TrainConfig, save_resolved
 from megatron_gad.data.batch import Mode, PromptBatch
+from megatron_gad.data.demo import TASK_STYLES, check_response
 from megatron_gad.engine import PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch, local_mini_batch_size
 from megatron_gad.experience import Experience, KLController, compute_advantages, join, teacher_forced_scores
 from megatron_gad.losses import discriminator_accuracy, kl_penalty
@@ -105,6 +106,21 @@ def token_agreement(student: SequenceBatch, batch: PromptBatch) -> tuple[float, 
     width = min(teacher.shape[1], student.responses.shape[1])
     same = (student.responses[:, :width] == teacher[:, :width]) & student.response_mask[:, :width].bool()
     return float((same & teacher_mask[:, :width]).sum()), float(teacher_mask.sum())
+
+
+CHECKS = ("one_style", "valid", "correct")
+
+
+def checker_counts(batch: PromptBatch, texts: list[str]) -> torch.Tensor:
+    """Counts of :data:`CHECKS` passed, then of rows checked, by the demo tasks' checker
+    (:func:`check_response`) over the responses ``texts`` to ``batch``; rows of other data are
+    not checked."""
+    out = torch.zeros(len(CHECKS) + 1, dtype=torch.float64)
+    for source, text, info in zip(batch.data_source, texts, extra_infos(batch)):
+        verdict = check_response(source, text, info["a"], info["b"]) if info and "a" in info else None
+        if verdict is not None:
+            out += torch.tensor([*map(float, verdict), 1.0], dtype=torch.float64)
+    return out
 
 
 class Trainer:
@@ -477,10 +493,14 @@ class Trainer:
         on GAD data, the share of responses identical to the teacher's, the share of teacher
         response tokens reproduced (``val/teacher_token_agreement``) and, with
         ``trainer.teacher_forced_validation``, the actor's mean log-probability per teacher
-        response token (``val/teacher_log_prob``, temperature 1)."""
+        response token (``val/teacher_log_prob``, temperature 1). On the demo tasks also the
+        checker's share of responses in one complete style, valid and correct
+        (``val/checker_one_style``, ``val/checker_valid``, ``val/checker_correct``: greedy) and the
+        same for one sample per prompt at the rollout temperature (``val/checker_*_sampled``)."""
         sums = torch.zeros(len(_VAL_SUMS), dtype=torch.float64)
         slot = {name: i for i, name in enumerate(_VAL_SUMS)}
         gad = self.c.mode is Mode.GAD
+        checks = torch.zeros(2 * len(CHECKS) + 2, dtype=torch.float64)  # greedy, then sampled
         teacher_batches: list[PromptBatch] = []
         diverged = None
         shown: list[dict] = []  # trainer.log_val_generations samples
@@ -505,6 +525,11 @@ class Trainer:
                     sums[slot["teacher_tokens"]] += teacher_tokens
                     teacher_batches.append(batch)
                 sums[slot["rows"]] += len(texts)
+                checks[:len(CHECKS) + 1] += checker_counts(batch, texts)
+                if any(s in TASK_STYLES for s in batch.data_source):  # a demo task: its sampled answers too
+                    _, sampled = self._rollout(batch, 1)
+                    checks[len(CHECKS) + 1:] += checker_counts(batch, self.c.decode(sampled.student.responses,
+                                                                                    sampled.student.response_mask))
         except ModelDivergedError as exc:
             diverged = exc
         self._release_rollout()
@@ -523,6 +548,12 @@ class Trainer:
                 out["val/teacher_log_prob"] = float(totals["teacher_log_prob"] / teacher_tokens)
         if self.reward_fn is not None:
             out["val/reward"] = float(totals["reward"] / totals["rows"])
+        checks = self.c.dp_sum(checks)
+        k = len(CHECKS)
+        if checks[k] > 0:
+            for start, suffix in ((0, ""), (k + 1, "_sampled")):
+                for i, name in enumerate(CHECKS):
+                    out[f"val/checker_{name}{suffix}"] = float(checks[start + i] / checks[start + k])
         return out
 
 

@@ -171,8 +171,9 @@ def _load_initial_weights(engine: Any, model_dir: str, hf_config: Any, role: str
     weights were obtained, for the start-up line. ``source`` is :func:`check_model_weights`'s
     answer: ``random`` keeps megatron-core's initialisation (asked for by ``model.random_init``),
     ``megatron`` loads a ``hf_to_megatron.py`` checkpoint as is, otherwise the HF tensors are read
-    (safetensors or ``.bin``). A critic from a causal LM (no ``score.weight``) gets a fresh scalar
-    head: the GAD recipe's "generator plus a scalar head"; rank 0 says so in one line."""
+    (safetensors or ``.bin``). A critic from a causal LM (no ``score.weight``) gets a zero scalar
+    head: the GAD recipe's "generator plus a scalar head", scoring every sequence alike until it
+    has been trained; rank 0 says so in one line."""
     from megatron_gad.convert import fill_stage_from_hf
     from megatron_gad.hf_io import SafetensorsReader
     from megatron_gad.models.sharding import unwrap
@@ -186,11 +187,10 @@ def _load_initial_weights(engine: Any, model_dir: str, hf_config: Any, role: str
         return f"the Megatron checkpoint {model_dir}"
     reader = SafetensorsReader(model_dir)
     if role == "critic" and "score.weight" not in reader.files:
-        std = float(getattr(hf_config, "initializer_range", 0.02))
-        reader.add_critic_head(std)
+        reader.add_critic_head(0.0)
         if info.rank == 0:
             print(f"[megatron_gad] critic: {model_dir} has no score.weight (a causal LM): its trunk is loaded "
-                  f"and a fresh scalar head is drawn from N(0, {std:g}^2)", flush=True)
+                  "and a zero scalar head is added (every response scores alike until it trains)", flush=True)
     fill_stage_from_hf(unwrap(engine.chunks[0]), reader, hf_config, role)
     return f"{model_dir} ({source})"
 

@@ -98,6 +98,26 @@ def test_scenario_trains(assets, tmp_path, config: str, gad: bool, expected: tup
         assert "critic/d_acc" in rows[0] and rows[-1]["critic/teacher_value_mean"] is not None
 
 
+def test_demo_discriminator_starts_knowing_nothing(assets, tmp_path) -> None:
+    """The demo as configured (its batch sizes, its shipped zero score head): the first logged
+    step's discriminator metrics are those of a discriminator that scores everything alike,
+    d_loss = ln 2 and d_acc = 0.5 (every pair a tie, counted one half); its update moves the head."""
+    out = str(tmp_path / "run")
+    paths = {"data.train_files": assets.train_file, "data.val_files": assets.val_file,
+             "actor_rollout_ref.model.path": assets.student_dir,
+             "actor_rollout_ref.model.tokenizer_path": assets.tokenizer_dir,
+             "critic.model.path": assets.discriminator_dir, "trainer.default_local_dir": out,
+             "trainer.total_training_steps": 2, "trainer.test_freq": -1, "trainer.save_freq": -1,
+             "trainer.export_hf": False, "trainer.logger": "jsonl", "trainer.val_before_train": False}
+    run_distributed(train, 1, args=("demo.yaml", [f"{k}={v}" for k, v in paths.items()]), timeout_s=600)
+    first, second = read_metrics(out)
+    assert first["critic/d_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["critic/d_acc"] == 0.5 and first["critic/teacher_score_gt_student"] == 0.5
+    assert first["critic/student_value_mean"] == 0.0 and first["critic/teacher_value_mean"] == 0.0
+    assert first["critic/grad_norm"] > 0
+    assert second["critic/teacher_value_mean"] != second["critic/student_value_mean"]
+
+
 def _warmup_probe(overrides: list[str]) -> tuple[bool, bool]:
     """Per rank: does the actor change during the critic warmup, and after it?"""
     from megatron_gad.config import load_config
@@ -245,13 +265,13 @@ def _weights_after_setup(overrides: list[str], hf_dir: str) -> dict:
         "critic_trunk": all(torch.equal(critic[f"trunk.{n}"], t) for n, t in expected.items()
                             if n.startswith(("embedding.", "decoder.layers."))),
         "critic_norm": torch.equal(critic["head.norm.weight"], expected["decoder.final_layernorm.weight"]),
-        "head_std": float(critic["head.score.weight"].std()),
+        "head_zero": not critic["head.score.weight"].any(),
     }
 
 
 def test_actor_and_critic_start_from_hf_weights(assets, tmp_path) -> None:
     """Both roles load a real HF checkpoint; the critic takes the causal LM's trunk plus a fresh
-    scalar head (GAD's "generator plus a scalar head")."""
+    zero scalar head (GAD's "generator plus a scalar head")."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -266,7 +286,7 @@ def test_actor_and_critic_start_from_hf_weights(assets, tmp_path) -> None:
                           args=(overrides_for(assets, str(tmp_path / "run"), True, **extra), hf_dir), timeout_s=600)
     for rank in out:
         assert rank["actor"] and rank["critic_trunk"] and rank["critic_norm"]
-        assert 0.005 < rank["head_std"] < 0.05  # drawn from N(0, initializer_range^2)
+        assert rank["head_zero"]  # an untrained discriminator scores every sequence alike
 
 
 def test_standard_ppo_with_adaptive_kl_in_reward(assets, tmp_path) -> None:
@@ -327,6 +347,9 @@ def test_gad_warmups_validation_diagnostics_and_export(assets, tmp_path) -> None
     assert all("critic/d_loss" in r for r in rows[1:])
     before, after = rows[0]["val/teacher_log_prob"], rows[3]["val/teacher_log_prob"]
     assert before < 0 and after < 0 and after != before
+    for suffix in ("", "_sampled"):  # the demo task's checker, on greedy and on sampled answers
+        one_style, valid, correct = (rows[3][f"val/checker_{n}{suffix}"] for n in ("one_style", "valid", "correct"))
+        assert 0.0 <= correct <= valid <= one_style <= 1.0
     assert result["same"], "the exported actor differs from the trained one"
     assert "config.json" in result["files"] and "tokenizer.json" in result["files"]
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor_hf"))

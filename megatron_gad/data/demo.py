@@ -14,9 +14,18 @@ Layout written by :func:`generate_demo_assets` (``out_dir`` is replaced atomical
       train_standard.parquet  val_standard.parquet  the same prompts, no teacher (PPO / GSPO)
       tokenizer/        HF tokenizer dir (word level, one token per digit, chat template)
       student/          Llama causal LM (tied embeddings): config, seeded initial weights, tokenizer
-      discriminator/    the student's initial trunk plus a scalar ``score`` head (GAD initialises
-                        the discriminator from the generator), as ``LlamaForSequenceClassification``
+      discriminator/    the student's initial trunk plus a zero scalar ``score`` head (GAD
+                        initialises the discriminator from the generator; a zero head scores
+                        every sequence alike until trained), as ``LlamaForSequenceClassification``
       manifest.json     written last; its presence marks a complete set
+
+A second task, ``task="styles"`` (data source ``demo_styles``), asks the same questions but its
+teacher answers each prompt in one of :data:`STYLES` drawn at random, each a complete sentence
+pattern; the styles share words and endings, so a weak student that loses track of which style it
+began can finish in another one. :func:`check_response` is its checker (and the addition task's,
+with the one style): a response is *one style* when it is exactly one complete style, whatever its
+numbers, *valid* when that style holds the prompt's operands and one consistent sum, *correct* when
+that sum is right as well.
 
 Shipping initial weights (instead of letting Megatron initialise the models) makes a demo run
 independent of the parallel layout: megatron-core seeds each pipeline stage differently, so a
@@ -44,8 +53,10 @@ from megatron_gad.errors import UserError
 from megatron_gad.io import replace_dir
 
 DEMO_DATA_SOURCE = "demo_arith"
+STYLES_DATA_SOURCE = "demo_styles"
+TASKS = ("arith", "styles")
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DEFAULT_SEED = 1
 
 
@@ -75,6 +86,17 @@ PROMPT_PHRASINGS = (
 )
 
 _ANSWER_RE = re.compile(r"The answer is\s+(-?\d+)")
+
+#: The styles task's complete answer patterns ({a}, {b}: the operands; {s}: their sum). Style 0 is
+#: the addition task's only style. They share words ("The", "answer is", "is {s}.") so that a
+#: style can be left half-way for another.
+STYLES = (
+    "{a} + {b} = {s}. The answer is {s}.",
+    "The sum of {a} and {b} is {s}.",
+    "The answer is {s}, since {a} plus {b} is {s}.",
+)
+#: Styles of each data source, for :func:`check_response`.
+TASK_STYLES = {DEMO_DATA_SOURCE: STYLES[:1], STYLES_DATA_SOURCE: STYLES}
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,44 @@ def teacher_answer(a: int, b: int) -> str:
     return f"{a} + {b} = {s}. The answer is {s}."
 
 
+def _style_pattern(style: str, a: int | None, b: int | None) -> re.Pattern:
+    """``style`` as a regex: ``{s}`` a number (the same at every place), ``{a}``/``{b}`` the given
+    operands, or any number where they are None."""
+    body = re.escape(style)
+    for name, value in (("a", a), ("b", b)):
+        body = body.replace(re.escape("{" + name + "}"), r"\d+" if value is None else str(value))
+    first = body.index(re.escape("{s}"))
+    body = body[:first] + r"(?P<s>\d+)" + body[first + len(re.escape("{s}")):]
+    return re.compile(body.replace(re.escape("{s}"), r"\d+"))
+
+
+def check_response(data_source: str | None, text: str, a: int, b: int) -> tuple[bool, bool, bool] | None:
+    """The demo tasks' checker: ``(one_style, valid, correct)`` for the response ``text`` to
+    ``a + b``, or None when ``data_source`` is not a demo task. After collapsing runs of
+    whitespace:
+
+    * one_style: ``text`` is exactly one of the task's styles, whatever its numbers (complete, no
+      blend of two styles, nothing after it);
+    * valid: one style with the operands ``a`` and ``b`` and the same number at every ``{s}``;
+    * correct: valid, and that number is ``a + b``.
+    """
+    styles = TASK_STYLES.get(data_source or "")
+    if styles is None:
+        return None
+    flat = " ".join(str(text).split())
+    for style in styles:
+        if _style_pattern(style, None, None).fullmatch(flat) is None:
+            continue
+        m = _style_pattern(style, a, b).fullmatch(flat)
+        if m is None:
+            return True, False, False
+        numbers = re.findall(r"\d+", flat)
+        sums = [n for n, slot in zip(numbers, re.findall(r"\{(\w)\}", style)) if slot == "s"]
+        valid = len(set(sums)) == 1
+        return True, valid, valid and int(sums[0]) == a + b
+    return False, False, False
+
+
 def demo_reward(
     data_source: str | None,
     solution_str: str,
@@ -146,20 +206,26 @@ def sample_pairs(seed: int, n_train: int, n_val: int, max_operand: int) -> tuple
     return pairs[:n_train], pairs[n_train:]
 
 
-def build_rows(pairs: np.ndarray, split: str, seed: int, with_teacher: bool) -> list[dict[str, Any]]:
-    """Rows in the verl-style format for ``pairs [N, 2]``; the phrasing is drawn per row."""
+def build_rows(pairs: np.ndarray, split: str, seed: int, with_teacher: bool,
+               task: str = "arith") -> list[dict[str, Any]]:
+    """Rows in the verl-style format for ``pairs [N, 2]``; the phrasing is drawn per row, and
+    for ``task="styles"`` the teacher's style too (from its own random stream)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     phrasing = rng.integers(0, len(PROMPT_PHRASINGS), size=len(pairs))
+    if task == "styles":
+        style = np.random.default_rng([seed, 0 if split == "train" else 1, 2]).integers(0, len(STYLES), len(pairs))
+    else:
+        style = np.zeros(len(pairs), dtype=np.int64)
     rows = []
-    for i, ((a, b), k) in enumerate(zip(pairs.tolist(), phrasing.tolist())):
+    for i, ((a, b), k, j) in enumerate(zip(pairs.tolist(), phrasing.tolist(), style.tolist())):
         row: dict[str, Any] = {
             "prompt": [{"role": "user", "content": PROMPT_PHRASINGS[k].format(a=a, b=b)}],
-            "data_source": DEMO_DATA_SOURCE,
+            "data_source": STYLES_DATA_SOURCE if task == "styles" else DEMO_DATA_SOURCE,
             "reward_model": {"style": "rule", "ground_truth": str(a + b)},
             "extra_info": {"split": split, "index": i, "a": a, "b": b},
         }
         if with_teacher:
-            row["teacher_response"] = teacher_answer(a, b)
+            row["teacher_response"] = teacher_answer(a, b) if task == "arith" else STYLES[j].format(a=a, b=b, s=a + b)
         rows.append(row)
     return rows
 
@@ -228,7 +294,8 @@ def write_models(
     Both use the vocabulary of the tokenizer in ``tokenizer_dir``, tied embeddings and
     multi-head attention. The student's weights are transformers' initialisation under ``seed``
     (fp32 safetensors); the discriminator is ``LlamaForSequenceClassification`` (``num_labels=1``)
-    holding the student's trunk and a ``score`` head drawn from N(0, initializer_range^2).
+    holding the student's trunk and a zero ``score`` head (so the untrained discriminator's
+    first Bradley-Terry loss is ln 2 and its accuracy 0.5, ties counting one half).
     The global torch RNG is left as it was.
     """
     import torch
@@ -254,8 +321,7 @@ def write_models(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = LlamaForCausalLM(student_config).float()
-        std = float(student_config.initializer_range)
-        score = torch.randn(1, hidden_size) * std
+    score = torch.zeros(1, hidden_size)
     student_dir, disc_dir = root / "student", root / "discriminator"
     student.save_pretrained(str(student_dir))
     disc_dir.mkdir()
@@ -268,7 +334,7 @@ def write_models(
 
 
 def _write_all(
-    root: Path, seed: int, n_train: int, n_val: int, max_operand: int
+    root: Path, seed: int, n_train: int, n_val: int, max_operand: int, task: str = "arith"
 ) -> dict[str, Any]:
     """Write every asset into the (empty, existing) directory ``root``; return the manifest."""
     assets = DemoAssets.at(root)
@@ -278,14 +344,14 @@ def _write_all(
         ("train", train_pairs, assets.train_file, assets.train_standard_file),
         ("val", val_pairs, assets.val_file, assets.val_standard_file),
     ):
-        rows = build_rows(pairs, split, seed, with_teacher=True)
+        rows = build_rows(pairs, split, seed, with_teacher=True, task=task)
         write_parquet(rows, gad_path)
         write_parquet([{k: v for k, v in r.items() if k != "teacher_response"} for r in rows], std_path)
         corpus += [r["prompt"][0]["content"] for r in rows] + [r["teacher_response"] for r in rows]
     assets.tokenizer_dir.mkdir()
     vocab_size = train_tokenizer(corpus, assets.tokenizer_dir)
     write_models(root, assets.tokenizer_dir, seed)
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "n_train": n_train,
@@ -294,6 +360,9 @@ def _write_all(
         "vocab_size": vocab_size,
         "data_source": DEMO_DATA_SOURCE,
     }
+    if task != "arith":  # the addition task's manifest stays as it was
+        manifest.update(task=task, data_source=STYLES_DATA_SOURCE)
+    return manifest
 
 
 def generate_demo_assets(
@@ -302,18 +371,22 @@ def generate_demo_assets(
     n_train: int = 2000,
     n_val: int = 200,
     max_operand: int = 49,
+    task: str = "arith",
 ) -> DemoAssets:
-    """(Re)generate the demo assets in ``out_dir``, replacing what is there.
+    """(Re)generate the demo assets of ``task`` (one of :data:`TASKS`) in ``out_dir``, replacing
+    what is there.
 
     Everything is written into a temporary sibling directory that is renamed into place at the
     end, so an interrupted run leaves either the old set or the new one, never half of one.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; choose one of {', '.join(TASKS)}")
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
     try:
-        manifest = _write_all(tmp, seed, n_train, n_val, max_operand)
+        manifest = _write_all(tmp, seed, n_train, n_val, max_operand, task)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _swap_into_place(tmp, out)
     finally:
@@ -349,12 +422,13 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def ensure_demo_assets(
-    out_dir: str | os.PathLike[str], seed: int | None = None, force: bool = False
+    out_dir: str | os.PathLike[str], seed: int | None = None, force: bool = False, task: str = "arith"
 ) -> DemoAssets:
-    """Return the demo assets in ``out_dir``, generating them only when needed.
+    """Return the demo assets of ``task`` in ``out_dir``, generating them only when needed.
 
     They are generated when ``out_dir`` has no complete set (no manifest), when ``force`` is set,
-    or when ``seed`` is given and differs from the seed of the existing set. With ``seed=None``
+    when the existing set is of another task, or when ``seed`` is given and differs from the seed
+    of the existing set. With ``seed=None``
     any complete existing set is accepted and a missing one is made with :data:`DEFAULT_SEED`.
     Safe to call from several processes at once: each writes its own temporary directory and
     the last rename wins, so readers always see a complete set.
@@ -363,8 +437,9 @@ def ensure_demo_assets(
     fresh = (
         manifest is not None
         and manifest.get("format_version") == FORMAT_VERSION
+        and manifest.get("task", "arith") == task
         and (seed is None or manifest.get("seed") == seed)
     )
     if fresh and not force:
         return DemoAssets.at(Path(out_dir).absolute())
-    return generate_demo_assets(out_dir, seed=DEFAULT_SEED if seed is None else seed)
+    return generate_demo_assets(out_dir, seed=DEFAULT_SEED if seed is None else seed, task=task)

@@ -22,6 +22,10 @@ class ScalarHead(torch.nn.Module):
 
     HF names: ``model.norm.weight`` and ``score.weight`` (as ``*ForSequenceClassification`` with
     one label uses). Input ``[S, B, H]``; output ``[B, S]`` float32.
+
+    ``score`` starts at zero: an untrained discriminator scores every sequence 0, so its first
+    Bradley-Terry loss is exactly ln 2 and its accuracy 0.5 (ties count one half) instead of
+    whatever a random projection of the trunk's features happens to prefer.
     """
 
     def __init__(self, config: Any) -> None:
@@ -29,7 +33,7 @@ class ScalarHead(torch.nn.Module):
         kw = {"dtype": config.params_dtype}
         self.norm = torch.nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
         self.score = torch.nn.Linear(config.hidden_size, 1, bias=False, **kw)
-        torch.nn.init.normal_(self.score.weight, std=config.init_method_std)
+        torch.nn.init.zeros_(self.score.weight)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.score(self.norm(hidden)).squeeze(-1).transpose(0, 1).float()

@@ -80,7 +80,7 @@ def test_tokenizer_and_model_configs(seed1, tok):
 
 def test_models_are_seeded_and_the_discriminator_starts_from_the_student(seed1, tmp_path):
     """The student loads in transformers; the discriminator holds the student's trunk plus a
-    scalar head; the weights are a function of the seed."""
+    zero scalar head; the weights are a function of the seed."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +88,7 @@ def test_models_are_seeded_and_the_discriminator_starts_from_the_student(seed1, 
     disc = load_file(str(seed1.discriminator_dir / "model.safetensors"))
     assert set(disc) == set(student) | {"score.weight"} and "lm_head.weight" not in student
     assert all(torch.equal(disc[k], v) for k, v in student.items())
-    assert disc["score.weight"].shape == (1, 128) and 0.01 < float(disc["score.weight"].std()) < 0.04
+    assert disc["score.weight"].shape == (1, 128) and not disc["score.weight"].any()  # zero head
     AutoModelForCausalLM.from_pretrained(str(seed1.student_dir))
     other = ensure_demo_assets(tmp_path / "seed2", seed=2)
     again = ensure_demo_assets(tmp_path / "seed1", seed=1)
@@ -150,3 +150,51 @@ def test_cli(tmp_path, capsys):
     (tmp_path / "x" / "f").write_text("")
     assert cli.main(["--out", str(tmp_path / "x")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_styles_task(tmp_path):
+    """The styles task: same prompts as the addition task, each teacher answer one complete style
+    drawn at random (all three used), which its checker accepts as valid and correct; the
+    addition set is not reused for it and vice versa."""
+    from transformers import AutoTokenizer
+
+    from megatron_gad.data.demo import STYLES, check_response
+
+    out = tmp_path / "styles"
+    styles = ensure_demo_assets(out, task="styles")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "styles" and manifest["data_source"] == "demo_styles"
+    tok = AutoTokenizer.from_pretrained(str(styles.tokenizer_dir))
+    rows = pq.read_table(styles.train_file).to_pylist() + pq.read_table(styles.val_file).to_pylist()
+    used = set()
+    for r in rows:
+        a, b = r["extra_info"]["a"], r["extra_info"]["b"]
+        assert r["data_source"] == "demo_styles" and check_response("demo_styles", r["teacher_response"], a, b) == (True, True, True)
+        used |= {k for k, s in enumerate(STYLES) if r["teacher_response"] == s.format(a=a, b=b, s=a + b)}
+        ids = tok.encode(r["teacher_response"], add_special_tokens=False)
+        assert tok.decode(ids) == r["teacher_response"] and tok.unk_token_id not in ids and len(ids) + 1 <= 24
+    assert used == {0, 1, 2}
+    stamp = styles.train_file.stat().st_mtime_ns
+    assert ensure_demo_assets(out, task="styles").train_file.stat().st_mtime_ns == stamp
+    ensure_demo_assets(out)  # an addition set is asked for: regenerated
+    assert "task" not in json.loads((out / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="unknown demo task"):
+        generate_demo_assets(tmp_path / "bad", task="poems")
+
+
+def test_checker():
+    from megatron_gad.data.demo import check_response
+
+    s = "demo_styles"
+    assert check_response(s, "45 + 3 = 48. The answer is 48.", 45, 3) == (True, True, True)
+    assert check_response(s, "The sum of 45 and 3 is 9.", 45, 3) == (True, True, False)  # valid, wrong sum
+    assert check_response(s, "The answer is 26, since 45 plus 3 is 26.", 45, 3) == (True, True, False)
+    assert check_response(s, "The answer is 48, since 45 plus 3 is 47.", 45, 3) == (True, False, False)  # two sums
+    assert check_response(s, "The answer is 48, since 44 plus 3 is 48.", 45, 3) == (True, False, False)  # operand
+    assert check_response(s, "The answer is 48.", 45, 3) == (False, False, False)  # blend of styles 2 and 0
+    assert check_response(s, "The sum of 45 and 3 is 48, since 45 plus 3 is 48.", 45, 3) == (False, False, False)
+    assert check_response(s, "The sum of 45 and 3 is 48. x", 45, 3) == (False, False, False)  # trailing text
+    assert check_response(s, "  The sum of 45  and 3 is 48. ", 45, 3) == (True, True, True)  # whitespace
+    assert check_response("demo_arith", "The sum of 45 and 3 is 48.", 45, 3) == (False, False, False)  # one style
+    assert check_response("demo_arith", "45 + 3 = 48. The answer is 48.", 45, 3) == (True, True, True)
+    assert check_response("other", "45 + 3 = 48. The answer is 48.", 45, 3) is None

@@ -87,6 +87,19 @@ def grads_and_params(engine) -> tuple[dict, dict]:
     return grads, dict(full_tensors(engine.chunks[0]))
 
 
+def randomise_head(critic) -> None:
+    """Give the critic a seeded random score head (the same on every rank): the zero head it is
+    built with scores every sequence alike and sends no gradient to the trunk, which would make
+    the critic's parity checks trivially true."""
+    from megatron_gad.models.sharding import unwrap
+
+    head = unwrap(critic.chunks[0]).head
+    if head is not None:
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            head.score.weight.copy_(torch.randn(head.score.weight.shape, generator=g) * 0.02)
+
+
 def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     """Per rank: both engines, every engine call; returns what the parent compares."""
     from megatron.core import parallel_state as ps
@@ -101,6 +114,8 @@ def run_layout(data: dict, ckpt: str, save: bool, micro: int) -> dict:
     actor_cfg, critic_cfg, optim = settings(micro)
     actor = ActorEngine.create(cfg, args, actor_cfg, optim)
     critic = CriticEngine.create(cfg, args, critic_cfg, optim)
+    if save:
+        randomise_head(critic)
     for engine, name in ((actor, "actor"), (critic, "critic")):
         (save_model if save else load_model)(engine.chunks, f"{ckpt}/{name}")
     frozen = ActorEngine.create(cfg, args, actor_cfg)  # reference policy: no optimizer, no DDP
@@ -210,6 +225,9 @@ def test_reference_is_not_vacuous(reference) -> None:
     for key in ("actor_grads", "ppo_grads", "sft_grads"):
         assert ref[key]["output_layer.weight"][VOCAB:].abs().max() == 0.0, f"{key}: vocab padding got a gradient"
     assert m["actor/grad_norm"] > 1e-3 and ref["d_metrics"]["critic/grad_norm"] > 1e-3
+    assert ref["scores"].std() > 1e-3, "the critic's scores should differ between sequences"
+    trunk = [g for n, g in ref["d_grads"].items() if n.startswith("trunk.decoder.layers.")]
+    assert trunk and max(float(g.abs().max()) for g in trunk) > 0, "the trunk should get a gradient"
     assert set(ref["d_metrics"]) == {"critic/d_loss", "critic/d_acc", "critic/student_value_mean",
                                      "critic/teacher_value_mean", "critic/grad_norm", "critic/lr", "critic/update_skipped"}
     assert {"critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean"} <= set(ref["v_metrics"])

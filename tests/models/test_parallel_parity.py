@@ -57,7 +57,7 @@ def one_step(role: str, hf_config, ckpt: str, batch, save: bool, num_microbatche
     from megatron_gad.models.build import OptimConfig, build_model, build_optimizer
     from megatron_gad.models.critic import build_critic
     from megatron_gad.models.inputs import attention_mask_4d, position_ids_from_mask
-    from megatron_gad.models.sharding import full_tensors
+    from megatron_gad.models.sharding import full_tensors, unwrap
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -65,6 +65,11 @@ def one_step(role: str, hf_config, ckpt: str, batch, save: bool, num_microbatche
     args = model_args_from_hf(hf_config)
     builder = build_actor if role == "actor" else build_critic
     chunks = build_model(lambda pre, post: builder(cfg, args, pre, post), cfg)
+    head = unwrap(chunks[0]).head if role == "critic" else None
+    if head is not None and save:  # the built head is zero: no trunk gradient, equal outputs
+        with torch.no_grad():
+            head.score.weight.copy_(torch.randn(head.score.weight.shape,
+                                                generator=torch.Generator().manual_seed(11)) * 0.02)
     # Adam's first step is ~lr * g / (|g| + eps): with eps=1e-8 a coordinate whose gradient is at
     # float-noise level (1e-10) would move by a noise-determined amount; eps=1e-6 keeps those small.
     optimizer = build_optimizer(chunks, OptimConfig(lr=1e-3, eps=1e-6, clip_grad=1.0), cfg)
