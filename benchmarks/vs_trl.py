@@ -15,7 +15,8 @@ median over the runs; CPU seconds are user + sys (the measure that survives a lo
     python benchmarks/vs_trl.py [--steps 6] [--runs 3] [--warmup 2]
 
 Prints a table per side: CPU-s and wall-s per step (median of the steps after ``--warmup``),
-the whole process's CPU-s (launcher, imports, model load, steps, checkpoint), and as its last
+the whole process's CPU-s (launcher, imports, model load, steps, checkpoint; both sides run as
+one plain ``python`` process, ours under torchrun with ``--torchrun``), and as its last
 line ``step_ratio=<ours/TRL CPU-s per step> process_ratio=<ours/TRL whole-process CPU-s>``
 against TRL with its defaults (gradient checkpointing on).
 """
@@ -92,8 +93,9 @@ def our_overrides(run_dir: str, steps: int) -> list[str]:
 
 
 def worker_ours(out_path: str, overrides: list[str]) -> None:
-    """Run examples/pretrain_gad.py's main in this (torchrun-launched) process, recording the CPU
-    and wall seconds of every training step."""
+    """Run examples/pretrain_gad.py's main in this process (one rank: a plain ``python`` process,
+    or torchrun's worker with ``--torchrun``), recording the CPU and wall seconds of every
+    training step."""
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "examples"))
     from megatron_gad import trainer as trainer_mod
@@ -168,15 +170,16 @@ def worker_trl(out_path: str, run_dir: str, steps: int, gradient_checkpointing: 
 
 
 # ----------------------------------------------------------------------------- driver
-def run_side(side: str, steps: int, work: str, index: int) -> dict:
+def run_side(side: str, steps: int, work: str, index: int, torchrun: bool = False) -> dict:
     """One whole process of ``side``; returns its per-step times and whole-process CPU-s."""
     out = os.path.join(work, f"{side}-{index}.json")
     run_dir = os.path.join(work, f"{side}-{index}")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
     if side == "ours":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", os.path.abspath(__file__),
-               "--worker", "ours", "--out", out, "--", *our_overrides(run_dir, steps)]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"] if torchrun else [sys.executable]
+        cmd = [*launcher, os.path.abspath(__file__), "--worker", "ours", "--out", out, "--",
+               *our_overrides(run_dir, steps)]
     else:
         gc = {"trl": None, "trl_nogc": False}[side]
         cmd = [venv_python(), os.path.abspath(__file__), "--worker", "trl", "--out", out, "--run-dir", run_dir,
@@ -212,6 +215,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per side")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the per-step medians")
     parser.add_argument("--no-nogc", action="store_true", help="skip TRL without gradient checkpointing")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="launch our side with torchrun (default: one plain process, as TRL's side)")
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -234,7 +239,7 @@ def main(argv: list[str]) -> int:
     try:
         for i in range(args.runs):  # A B A B: the machine's load falls on both sides alike
             for side in sides:
-                results[side].append(run_side(side, args.steps, work, i))
+                results[side].append(run_side(side, args.steps, work, i, args.torchrun))
                 print(f"run {i + 1}/{args.runs} {side}: {results[side][-1]['process_cpu']:.1f} CPU-s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
