@@ -299,8 +299,9 @@ class Trainer:
             diverged = exc
         self._stop_together(diverged, f"at step {self.step + 1}")
         phase = self.phase(self.step)
+        on_policy = phase is Phase.POLICY and self._strictly_on_policy(exp)
         with timer("old_log_prob"):
-            self._recompute_log_probs(exp, metrics)
+            self._recompute_log_probs(exp, metrics, actor=not on_policy)
         with timer("score"):
             self._score(exp, rows, metrics)
         with timer("advantages"):
@@ -313,7 +314,7 @@ class Trainer:
                 metrics.update(self.c.actor.sft_update(sft_batch(exp.teacher)))
                 self.weights_stale = True
             elif phase is Phase.POLICY:
-                metrics.update(self._update_actor(exp))
+                metrics.update(self._update_actor(exp, on_policy))
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(v for k, v in metrics.items() if k.startswith("timing/"))
         metrics.update(self._step_stats(exp, phase, metrics))
@@ -372,11 +373,26 @@ class Trainer:
         return rows, Experience(student=student, group_index=rows.group_index, teacher=teacher,
                                 rollout_log_probs=out[2])
 
-    def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float]) -> None:
+    def _strictly_on_policy(self, exp: Experience) -> bool:
+        """One epoch over one mini-batch, and nothing needs the old log-probs before the update
+        (no KL in the reward): the update's own forward then gives them (no separate pass)."""
+        arr, alg = self.cfg.actor_rollout_ref, self.cfg.algorithm
+        mini = self._local_mini_batch("actor_rollout_ref.actor", None)
+        return arr.actor.ppo_epochs == 1 and mini == exp.student.rows and not alg.use_kl_in_reward
+
+    def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float], actor: bool = True) -> None:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         arr = self.cfg.actor_rollout_ref
-        exp.old_log_probs, entropy = self.c.actor.compute_log_probs(
-            exp.student, temperature, micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu)
+        if actor:
+            exp.old_log_probs, entropy = self.c.actor.compute_log_probs(
+                exp.student, temperature, micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu)
+            self._log_prob_metrics(exp, entropy, metrics)
+        if self.c.ref is not None:
+            exp.ref_log_probs, _ = self.c.ref.compute_log_probs(
+                exp.student, temperature, micro_batch_size=arr.ref.log_prob_micro_batch_size_per_gpu)
+
+    def _log_prob_metrics(self, exp: Experience, entropy: torch.Tensor, metrics: dict[str, float]) -> None:
+        """Rollout entropy and the rollout engine's agreement with the Megatron log-probs."""
         mask = exp.student.response_mask.double()
         diff = (exp.rollout_log_probs.double() - exp.old_log_probs.double()).abs()
         # token-weighted means over the whole (DP-split) batch; the max over its valid tokens
@@ -386,9 +402,6 @@ class Trainer:
         metrics["actor/entropy_rollout"] = float(totals[0] / tokens)
         metrics["rollout/logprob_abs_diff_mean"] = float(totals[1] / tokens)
         metrics["rollout/logprob_abs_diff_max"] = self.c.dp_max(float(valid_diff.max()) if valid_diff.numel() else 0.0)
-        if self.c.ref is not None:
-            exp.ref_log_probs, _ = self.c.ref.compute_log_probs(
-                exp.student, temperature, micro_batch_size=arr.ref.log_prob_micro_batch_size_per_gpu)
 
     def _score(self, exp: Experience, rows: PromptBatch, metrics: dict[str, float]) -> None:
         """The step's scores: the discriminator's (GAD data) or the reward function's, and the
@@ -456,9 +469,14 @@ class Trainer:
         prompts = prompts or self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size
         return local_mini_batch_size(prompts, self.cfg.actor_rollout_ref.rollout.n, self.c.info.dp, where)
 
-    def _update_actor(self, exp: Experience) -> dict[str, float]:
+    def _update_actor(self, exp: Experience, on_policy: bool = False) -> dict[str, float]:
         self.weights_stale = True
         batch = PolicyBatch(exp.student, exp.old_log_probs, exp.advantages, exp.ref_log_probs)
+        if on_policy:  # the old log-probs (and their metrics) come from the update's forward
+            metrics, exp.old_log_probs, entropy = self.c.actor.update_on_policy(
+                batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature, shuffle_seed=self.step)
+            self._log_prob_metrics(exp, entropy, metrics)
+            return metrics
         mini = self._local_mini_batch("actor_rollout_ref.actor", None)
         return self.c.actor.update(batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
                                    mini_batch_size=mini, shuffle_seed=self.step)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from megatron_gad.engine.batch import PolicyBatch, SequenceBatch, SftBatch, shuffled, split_rows
+from megatron_gad.engine.batch import (PolicyBatch, SequenceBatch, SftBatch, pad_responses, permutation, shuffled,
+                                       split_rows, take_rows)
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.engine import RoleEngine
 from megatron_gad.engine.forward_step import collect_log_probs, policy_loss_func, sft_loss_func
-from megatron_gad.engine.metrics import MetricAccumulator, global_count, mean_metrics
+from megatron_gad.engine.metrics import MetricAccumulator, broadcast_from_last_stage, global_count, mean_metrics
 from megatron_gad.losses import agg_normalizer
 from megatron_gad.models.actor import build_actor
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.models.transformer import ModelArgs
+from megatron_gad.runtime.distributed import device
 
 #: Shuffle seed of epoch e of the update at step s: s * _SHUFFLE_SEEDS_PER_STEP + e (distinct for
 #: every (step, epoch) while ppo_epochs < _SHUFFLE_SEEDS_PER_STEP).
@@ -81,14 +84,41 @@ class ActorEngine(RoleEngine):
                 results.append(self._policy_step(mini, temperature))
         return mean_metrics(results)
 
-    def _policy_step(self, mini: PolicyBatch, temperature: float) -> dict[str, float]:
+    def update_on_policy(self, batch: PolicyBatch, *, temperature: float,
+                         shuffle_seed: int = 0) -> tuple[dict[str, float], Tensor, Tensor]:
+        """The strictly on-policy update (one epoch, one mini-batch of all local rows) without a
+        separate old-log-prob pass: the old log-probs are the training forward's own, detached,
+        so the ratio is exactly 1 and the loss and gradients are those of :meth:`update` given
+        the recomputed log-probs. ``batch.old_log_probs`` must be None. Returns the metrics of
+        :meth:`update` and that forward's log-probs and entropy, fp32 ``[B, R]`` on every rank
+        in ``batch``'s row order (what :meth:`compute_log_probs` would have returned)."""
+        self.require_optimizer()
+        if batch.old_log_probs is not None:
+            raise ValueError("update_on_policy takes the old log-probs from its own forward; pass old_log_probs=None")
+        if self.settings.ppo_epochs != 1:
+            raise ValueError(f"an on-policy update runs one epoch, not ppo_epochs={self.settings.ppo_epochs}")
+        perm = permutation(batch.rows, shuffle_seed * 1000) if self.settings.shuffle else None
+        rows = take_rows(batch, perm) if perm is not None else batch
+        out: list[Tensor] = []
+        metrics = self._policy_step(rows, temperature, out)
+        width = batch.seq.response_mask.shape[1]
+        if self.is_last_stage():
+            both = pad_responses(torch.cat(out).float(), width)
+            if perm is not None:
+                both = torch.empty_like(both).index_copy_(0, perm.to(both.device), both)
+        else:
+            both = torch.zeros((batch.rows, width, 2), dtype=torch.float32, device=device())
+        both = broadcast_from_last_stage(both).cpu()
+        return metrics, both[..., 0], both[..., 1]
+
+    def _policy_step(self, mini: PolicyBatch, temperature: float, out: list[Tensor] | None = None) -> dict[str, float]:
         s = self.settings
         micro = split_rows(mini, s.ppo_micro_batch_size_per_gpu, "actor.ppo_micro_batch_size_per_gpu")
         normalizer = global_count(agg_normalizer(mini.seq.response_mask, s.loss_agg_mode))
         names = _POLICY_METRICS + (("actor/kl_loss",) if s.use_kl_loss else ())
         acc = MetricAccumulator(names)
         loss_func = functools.partial(policy_loss_func, s, temperature, self.args.vocab_size, normalizer,
-                                      self.loss_scale(len(micro)), acc)
+                                      self.loss_scale(len(micro)), acc, out=out)
         return self.train_step(micro, loss_func, acc, "actor")
 
     def sft_update(self, batch: SftBatch, micro_batch_size: int | None = None) -> dict[str, float]:

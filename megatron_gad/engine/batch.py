@@ -67,8 +67,10 @@ class PolicyBatch:
     """What one actor PPO/GSPO update needs: sequences and ``[B, R]`` rollout tensors."""
 
     seq: SequenceBatch
-    old_log_probs: Tensor
-    """Log-probs of the responses under the policy that generated them (same temperature)."""
+    old_log_probs: Tensor | None
+    """Log-probs of the responses under the policy that generated them (same temperature); None
+    in a strictly on-policy update (:meth:`ActorEngine.update_on_policy`), where they are the
+    current log-probs, detached from the training forward."""
     advantages: Tensor
     """Per-token advantages (GRPO: the sequence advantage broadcast over its tokens)."""
     ref_log_probs: Tensor | None = None
@@ -187,8 +189,12 @@ def take_rows(batch: B, index: Tensor) -> B:
 def shuffled(batch: B, seed: int) -> B:
     """``batch`` with its rows permuted by a CPU generator seeded with ``seed``: the same
     permutation on every rank that passes the same seed (all ranks of a data-parallel replica)."""
-    perm = torch.randperm(batch.rows, generator=torch.Generator().manual_seed(seed))
-    return take_rows(batch, perm)
+    return take_rows(batch, permutation(batch.rows, seed))
+
+
+def permutation(rows: int, seed: int) -> Tensor:
+    """The row permutation :func:`shuffled` applies for ``seed`` (int64 ``[rows]``)."""
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
 
 
 def split_rows(batch: B, size: int, what: str) -> list[B]:
@@ -197,6 +203,88 @@ def split_rows(batch: B, size: int, what: str) -> list[B]:
     if size < 1 or rows % size:
         raise ValueError(f"{what}={size} must be >= 1 and divide the {rows} local rows")
     return [slice_rows(batch, i, i + size) for i in range(0, rows, size)]
+
+
+def _kept_columns(mask: Tensor, prompt: int) -> tuple[int, int]:
+    """(first prompt column any row uses, response columns up to the last any row uses) of a
+    ``[B, prompt + R]`` attention mask; at least one column of each is kept."""
+    used = mask.bool().any(0)
+    prompt_used = torch.nonzero(used[:prompt]).flatten()
+    first = int(prompt_used[0]) if prompt_used.numel() else prompt - 1
+    response_used = torch.nonzero(used[prompt:]).flatten()
+    width = int(response_used[-1]) + 1 if response_used.numel() else 1
+    return min(first, prompt - 1), width
+
+
+def _trim_sequences(batch: SequenceBatch, first: int, width: int) -> SequenceBatch:
+    p = batch.prompt_length
+    cut = lambda t: t[:, first:p + width]  # noqa: E731
+    return SequenceBatch(cut(batch.input_ids), cut(batch.attention_mask), cut(batch.position_ids),
+                         batch.response_mask[:, :width])
+
+
+def _trim_one(batch: B, first: int, width: int, teacher: tuple[int, int] | None = None) -> B:
+    """``batch`` without the prompt columns before ``first`` and the response columns from
+    ``width`` on (every ``[B, R]`` tensor is cut alike)."""
+    if isinstance(batch, SequenceBatch):
+        return _trim_sequences(batch, first, width)
+    if isinstance(batch, (PolicyBatch, ValueBatch)):
+        values = {}
+        for f in dataclasses.fields(batch):
+            value = getattr(batch, f.name)
+            if isinstance(value, SequenceBatch):
+                value = _trim_sequences(value, first, width)
+            elif isinstance(value, Tensor):
+                value = value[:, :width]
+            values[f.name] = value
+        return type(batch)(**values)
+    if isinstance(batch, PairBatch):
+        return PairBatch(_trim_sequences(batch.student, first, width), _trim_sequences(batch.teacher, first, teacher[1]))
+    if isinstance(batch, SftBatch):
+        stop = first + width  # here ``first`` / ``width``: the kept columns of the whole sequence
+        return SftBatch(*(getattr(batch, f.name)[:, first:stop] for f in dataclasses.fields(SftBatch)))
+    raise TypeError(f"cannot trim a {type(batch).__name__}")
+
+
+def trim_padding(batches: list[B]) -> list[B]:
+    """The same batches without the columns that are padding in EVERY row of every batch: the
+    leading prompt columns and the trailing response columns (an SFT batch: the leading and
+    trailing sequence columns). All batches keep one shape, as a pipeline schedule needs.
+
+    What a model computes at a valid token is unchanged: a left-padding column is masked out of
+    attention and holds position 0, and a trailing padding column comes after every valid token
+    (causal attention). Outputs per response token come back ``R'`` columns wide (``R' <= R``);
+    :func:`pad_responses` restores the width."""
+    if not batches:
+        return batches
+    kind = batches[0]
+    if isinstance(kind, SftBatch):
+        used = torch.stack([b.attention_mask.bool().any(0) for b in batches]).any(0)
+        cols = torch.nonzero(used).flatten()
+        if not cols.numel():
+            return batches
+        first, last = int(cols[0]), int(cols[-1]) + 1
+        return [_trim_one(b, first, last - first) for b in batches]
+    seqs = [b.student if isinstance(b, PairBatch) else b.seq if isinstance(b, (PolicyBatch, ValueBatch)) else b
+            for b in batches]
+    prompt = seqs[0].prompt_length
+    spans = [_kept_columns(s.attention_mask, prompt) for s in seqs]
+    first, width = min(f for f, _ in spans), max(w for _, w in spans)
+    teacher = None
+    if isinstance(kind, PairBatch):
+        tspans = [_kept_columns(b.teacher.attention_mask, prompt) for b in batches]
+        first = min(first, min(f for f, _ in tspans))
+        teacher = (first, max(w for _, w in tspans))
+    return [_trim_one(b, first, width, teacher) for b in batches]
+
+
+def pad_responses(values: Tensor, width: int) -> Tensor:
+    """Right-pad dimension 1 of per-response-token outputs ``[B, R', ...]`` with zeros to ``width``."""
+    extra = width - values.shape[1]
+    if extra <= 0:
+        return values
+    pad = torch.zeros((values.shape[0], extra, *values.shape[2:]), dtype=values.dtype, device=values.device)
+    return torch.cat([values, pad], dim=1)
 
 
 def to_device(batch: B, device: torch.device) -> B:

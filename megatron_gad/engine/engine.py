@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from megatron_gad.engine.batch import model_inputs, split_rows
+from megatron_gad.engine.batch import model_inputs, pad_responses, split_rows, trim_padding
 from megatron_gad.engine.forward_step import make_forward_step
 from megatron_gad.engine.metrics import _ps, broadcast_from_last_stage
 from megatron_gad.models.build import OptimConfig, build_model, build_optimizer
@@ -83,9 +83,12 @@ class RoleEngine:
         """Run the micro-batches (equal shapes) through Megatron's schedule with
         ``loss_func(micro_batch, output)`` on the last stage; with ``forward_only`` False the
         gradients are accumulated and finalised (DP all-reduce, tied-embedding sync) in the
-        ``main_grad`` buffers."""
+        ``main_grad`` buffers. Columns that are padding in every row are cut first
+        (:func:`~megatron_gad.engine.batch.trim_padding`): outputs per response token reach
+        ``loss_func`` as wide as the longest response of these micro-batches."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        micro_batches = trim_padding(micro_batches)
         rows, seq_length = model_inputs(micro_batches[0])[0].shape
 
         for chunk in self.chunks:
@@ -104,12 +107,16 @@ class RoleEngine:
         ``collect(out_list, micro_batch, output)`` appends each micro-batch's result on the last
         stage; the concatenation (``out_shape``, float32) is returned on EVERY stage, on the CPU
         (the trainer's experience lives on the host; micro-batches move to the device one at a
-        time). ``what`` names the micro-batch setting in errors."""
+        time). Per-response-token outputs are zero beyond the longest response of the
+        batch (the columns :meth:`run_schedule` trims). ``what`` names the micro-batch setting
+        in errors."""
         micro = split_rows(batch, micro_batch_size, what)
         out: list[Tensor] = []
         self.run_schedule(micro, functools.partial(collect, out), forward_only=True)
         if self.is_last_stage():
             result = torch.cat(out).float()
+            if result.dim() > 1:  # per response token: back to the untrimmed width
+                result = pad_responses(result, out_shape[1])
         else:
             result = torch.zeros(out_shape, dtype=torch.float32, device=device())
         return broadcast_from_last_stage(result).cpu()

@@ -84,13 +84,20 @@ def collect_critic(out: list[Tensor], batch: Any, token_scores: Tensor, *, kind:
 
 def policy_loss_func(settings: ActorConfig, temperature: float, vocab_size: int, normalizer: Tensor,
                      scale: float, acc: MetricAccumulator, batch: PolicyBatch,
-                     logits: Tensor) -> tuple[Tensor, dict]:
-    """PPO / GSPO loss of one micro-batch (+ entropy bonus, + KL to the reference)."""
+                     logits: Tensor, *, out: list[Tensor] | None = None) -> tuple[Tensor, dict]:
+    """PPO / GSPO loss of one micro-batch (+ entropy bonus, + KL to the reference).
+
+    ``batch.old_log_probs`` None (a strictly on-policy update): the old log-probs are this
+    forward's, detached. ``out`` given: the detached log-probs and entropy are appended to it,
+    stacked ``[b, R', 2]``."""
     mask = batch.seq.response_mask.float()
     log_prob, entropy = response_log_probs(logits, batch.seq.responses, temperature, vocab_size)
+    if out is not None:
+        out.append(torch.stack([log_prob.detach(), entropy.detach()], dim=-1))
+    old_log_prob = log_prob.detach() if batch.old_log_probs is None else batch.old_log_probs.float()
     mode = settings.loss_agg_mode
     pg_loss, pg_metrics = policy_loss(
-        settings.policy_loss, log_prob, batch.old_log_probs.float(), batch.advantages.float(), mask,
+        settings.policy_loss, log_prob, old_log_prob, batch.advantages.float(), mask,
         settings.clip_low, settings.clip_high, mode,
         clip_ratio_c=settings.clip_ratio_c if settings.policy_loss == "ppo" else None, normalizer=normalizer,
     )

@@ -49,6 +49,9 @@ class CPURolloutEngine(RolloutEngine):
         self.loaded = False
         # transformers >= 5.x calls the KV cache ``cache``; 4.x calls it ``past_key_values``.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        # the prefill needs the logits of the last prompt position only
+        self._last_logits_only = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters
+                                  else {})
 
     def _cache_of(self, out: Any) -> Any:
         return getattr(out, self._cache_kw)
@@ -94,8 +97,12 @@ class CPURolloutEngine(RolloutEngine):
             raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must be equal [B, P]")
         n = self.cfg.n if n is None else n
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed if seed is None else seed)
-        ids = prompt_ids.to(self.device).repeat_interleave(n, dim=0)
-        mask = prompt_mask.to(self.device).long().repeat_interleave(n, dim=0)
+        used = torch.nonzero(prompt_mask.bool().any(0)).flatten()
+        first = int(used[0]) if used.numel() else max(prompt_ids.shape[1] - 1, 0)
+        # left-padding columns no prompt uses are masked out of attention: dropping them changes
+        # no result and shortens every attention over the KV cache
+        ids = prompt_ids[:, first:].to(self.device).repeat_interleave(n, dim=0)
+        mask = prompt_mask[:, first:].to(self.device).long().repeat_interleave(n, dim=0)
         tokens, logps, done_at = self._decode(ids, mask, greedy, gen)
         return self._finish(tokens, logps, done_at)
 
@@ -105,7 +112,8 @@ class CPURolloutEngine(RolloutEngine):
         rows, limit = ids.shape[0], self.cfg.response_length
         eos = torch.tensor(self.tokens.eos_token_ids, device=self.device)
         positions = position_ids_from_mask(mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **self._last_logits_only)
         cache, logits = self._cache_of(out), out.logits[:, -1, : self.vocab_size]
         next_pos = positions[:, -1:] + 1
         length = torch.full((rows,), limit, dtype=torch.long, device=self.device)

@@ -134,6 +134,43 @@ _CUDA_LITERAL_MODULES = {
 }
 
 
+def _write_buckets_in_process(transform_list: list, use_msc: bool, rank: int, write_buckets: list,
+                              global_results_queue: Any) -> None:
+    """FileSystemWriterAsync.write_preloaded_data_multiproc without processes: the same per-bucket
+    writer (``write_preloaded_data``, fsync included) run here, bucket after bucket, with the
+    results handed over in the same ``{bucket index: results}`` form (or the first exception)."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: dict[int, Any] | Exception = {}
+    local: queue.Queue = queue.Queue()
+    count: queue.Queue = queue.Queue()
+    extra = {"use_msc": use_msc} if use_msc else {}
+    for index, bucket in enumerate(write_buckets):
+        count.put(index)
+        FileSystemWriterAsync.write_preloaded_data(transform_list, index, bucket, local, count, True, **extra)
+        _, outcome = local.get()
+        if isinstance(outcome, Exception):
+            results = outcome
+            break
+        results[index] = outcome
+    global_results_queue.put(results)
+
+
+_WRITE_RESULTS: Any = None
+
+
+def _in_process_results_queue() -> Any:
+    """filesystem_async._get_write_results_queue without a spawned Manager process."""
+    global _WRITE_RESULTS
+    if _WRITE_RESULTS is None:
+        import queue
+
+        _WRITE_RESULTS = queue.Queue()
+    return _WRITE_RESULTS
+
+
 def _check_version() -> str:
     import megatron.core
 
@@ -188,6 +225,14 @@ def apply() -> bool:
     rng = importlib.import_module("megatron.core.tensor_parallel.random")
     rng._get_all_rng_states = _get_all_rng_states_cpu
     rng._set_all_rng_states = _set_all_rng_states_cpu
+
+    # dist_checkpointing.save (torch_dist strategy, also when synchronous) spawns a Manager
+    # process for its results queue and forks one writer process per bucket: on a CPU run of a
+    # small model that costs more CPU time than the write itself (a fresh interpreter, and
+    # copying the page tables of a large process). Write in this process instead.
+    filesystem_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    filesystem_async._get_write_results_queue = _in_process_results_queue
+    filesystem_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
 
     _applied = True
     logger.debug("megatron-core %s CPU shims applied", version)

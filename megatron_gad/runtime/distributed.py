@@ -46,18 +46,42 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_THREADS_REPORTED = False
+
+
+def configure_threads(environ: dict[str, str] | None = None, announce: bool = True) -> int | None:
+    """Torch's intra-op threads: the cores this process may use divided by the ranks on this
+    machine (``LOCAL_WORLD_SIZE``), at least 1, unless ``OMP_NUM_THREADS`` is set (then the
+    user's choice stands and None is returned). Oversubscribed threads make a loaded CPU run
+    many times slower. The choice is printed once per process, by local rank 0."""
+    global _THREADS_REPORTED
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    if announce and not _THREADS_REPORTED and env.get("LOCAL_RANK", "0") == "0":
+        print(f"[megatron_gad] torch intra-op threads: {threads} per rank ({cores} cores / {local} local ranks; "
+              f"set OMP_NUM_THREADS to choose)", flush=True)
+    _THREADS_REPORTED = True
+    return threads
+
+
 def init_distributed(
     tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: float = 600.0
 ) -> ParallelInfo:
     """Initialise torch.distributed and Megatron's parallel_state on every rank.
 
     Uses nccl when CUDA is available (binding ``LOCAL_RANK``'s GPU), gloo with the CPU shims
-    otherwise. Raises ValueError when ``tp * pp`` does not divide the world size. Idempotent for
+    otherwise, and sets torch's intra-op threads (:func:`configure_threads`). Raises ValueError when ``tp * pp`` does not divide the world size. Idempotent for
     identical sizes; call :func:`destroy_distributed` before re-initialising with other sizes.
     """
     from megatron.core import parallel_state as ps
 
     cuda = torch.cuda.is_available()
+    configure_threads()
     if not cuda:
         cpu_shims.apply()
     if not dist.is_initialized():

@@ -55,3 +55,20 @@ def test_cpu_clip_scales_like_megatron() -> None:
     total = float(torch.cat(grads).norm())
     cpu_shims._clip_grad_by_total_norm_cpu(params, 1.0, total)
     assert abs(float(torch.cat([p.grad for p in params]).norm()) - 1.0) < 1e-5
+
+
+def test_threads_follow_the_cores_per_local_rank_unless_omp_is_set(capsys) -> None:
+    import os
+
+    from megatron_gad.runtime.distributed import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert configure_threads({"OMP_NUM_THREADS": "3"}) is None  # the user's choice stands
+        assert torch.get_num_threads() == before
+        assert configure_threads({"LOCAL_WORLD_SIZE": "1"}) == cores == torch.get_num_threads()
+        assert configure_threads({"LOCAL_WORLD_SIZE": str(4 * cores)}) == 1 == torch.get_num_threads()
+        assert capsys.readouterr().out.count("torch intra-op threads") <= 1  # printed once per process
+    finally:
+        torch.set_num_threads(before)
