@@ -201,13 +201,13 @@ def report_worker_error(exc: BaseException) -> None:
 def config_summary(cfg: Any, world_size: int) -> str:
     """One line describing the run (the full config is saved as ``<run dir>/config.yaml`` and
     printed with ``trainer.print_config=true``)."""
-    arr = cfg.actor_rollout_ref
-    layout = arr.megatron
+    actor_rollout = cfg.actor_rollout_ref
+    layout = actor_rollout.megatron
     model_parallel = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
-    return (f"{arr.actor.policy_loss} + {cfg.algorithm.adv_estimator}, actor {arr.model.path}, "
+    return (f"{actor_rollout.actor.policy_loss} + {cfg.algorithm.adv_estimator}, actor {actor_rollout.model.path}, "
             f"world {world_size} (TP {layout.tensor_model_parallel_size} x PP "
             f"{layout.pipeline_model_parallel_size} x DP {max(world_size // model_parallel, 1)}), "
-            f"rollout {arr.rollout.name} n={arr.rollout.n}, {cfg.data.train_batch_size} prompts/step, "
+            f"rollout {actor_rollout.rollout.name} n={actor_rollout.rollout.n}, {cfg.data.train_batch_size} prompts/step, "
             f"run dir {cfg.trainer.default_local_dir}")
 
 

@@ -129,14 +129,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.run_lock, self.resume_path = self._claim_run_dir()  # before any model is built
-        self.c: Components = build_components(cfg)
+        self.parts: Components = build_components(cfg)
         t = cfg.trainer
         #: Steps [0, generator_warmup_end) are the generator warmup; the policy phase starts at policy_start.
-        self.generator_warmup_end = t.generator_warmup_steps or t.generator_warmup_epochs * self.c.steps_per_epoch
+        self.generator_warmup_end = t.generator_warmup_steps or t.generator_warmup_epochs * self.parts.steps_per_epoch
         self.policy_start = self.generator_warmup_end + t.critic_warmup
         self.reward_fn = None
         reward = cfg.custom_reward_function
-        if reward.path or (self.c.demo_data and self.c.has_ground_truth):  # demo: exact match by default
+        if reward.path or (self.parts.demo_data and self.parts.has_ground_truth):  # demo: exact match by default
             self.reward_fn = load_reward_fn(reward.path, reward.name)
         self.step = 0
         self.nonfinite_in_row = 0
@@ -146,18 +146,18 @@ class Trainer:
         self.kl_ctrl = KLController(kl.kl_coef, kl.type == "adaptive", kl.target_kl, kl.horizon)
         self._resume()
         self.first_step = self.step  # where this process started (after a resume: the checkpoint's step)
-        if self.c.info.rank == 0:
+        if self.parts.info.rank == 0:
             save_resolved(cfg, os.path.join(cfg.trainer.default_local_dir, "config.yaml"))
-        self.validate_first = self.step == 0 and self.c.val_loader is not None and cfg.trainer.val_before_train
+        self.validate_first = self.step == 0 and self.parts.val_loader is not None and cfg.trainer.val_before_train
         self.metrics = MetricsLogger(cfg.trainer.default_local_dir, cfg.trainer.logger, cfg.trainer.project_name,
-                                     cfg.trainer.experiment_name, total_steps=self.c.total_steps + self.validate_first,
+                                     cfg.trainer.experiment_name, total_steps=self.parts.total_steps + self.validate_first,
                                      resume_step=self.step + 1 if self.step else 0)
 
     # ------------------------------------------------------------------------------ set-up
     def _roles(self) -> dict[str, tuple]:
-        roles = {"actor": (self.c.actor.chunks, self.c.actor.optimizer)}
-        if self.c.critic is not None:
-            roles["critic"] = (self.c.critic.chunks, self.c.critic.optimizer)
+        roles = {"actor": (self.parts.actor.chunks, self.parts.actor.optimizer)}
+        if self.parts.critic is not None:
+            roles["critic"] = (self.parts.critic.chunks, self.parts.critic.optimizer)
         return roles
 
     def _claim_run_dir(self) -> tuple[Any, str | None]:
@@ -209,13 +209,13 @@ class Trainer:
             return
         state = ckpt.load_training_checkpoint(path, self._roles())
         self.step = int(state["step"])
-        self.c.loader.load_state_dict(state["data"])
+        self.parts.loader.load_state_dict(state["data"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.kl_ctrl.coef = float(state.get("kl_coef", self.kl_ctrl.coef))
         self._log0(f"resumed from {path} at step {self.step}")
 
     def _log0(self, text: str) -> None:
-        if self.c.info.rank == 0:
+        if self.parts.info.rank == 0:
             print(f"[megatron_gad] {text}", flush=True)
 
     # ------------------------------------------------------------------------------ loop
@@ -232,7 +232,7 @@ class Trainer:
             last = self._loop(stop)
         finally:
             stop.restore()
-        if cfg.export_hf and self.c.total_steps > 0 and self.stopped_by is None:
+        if cfg.export_hf and self.parts.total_steps > 0 and self.stopped_by is None:
             self.export_actor(os.path.join(cfg.default_local_dir, "actor_hf"))
         self.metrics.close()
         if self.run_lock is not None:
@@ -243,17 +243,17 @@ class Trainer:
         cfg, last = self.cfg.trainer, {}
         if self.validate_first:  # logged as step 0: the model before any update
             self.metrics.log(0, self.validate())
-        while self.step < self.c.total_steps:
-            batch = self.c.loader.next_batch()
+        while self.step < self.parts.total_steps:
+            batch = self.parts.loader.next_batch()
             last = self.train_step(batch)
             self.step += 1
-            if self.c.val_loader is not None and cfg.test_freq > 0 and (
-                self.step % cfg.test_freq == 0 or self.step == self.c.total_steps
+            if self.parts.val_loader is not None and cfg.test_freq > 0 and (
+                self.step % cfg.test_freq == 0 or self.step == self.parts.total_steps
             ):
                 last.update(self.validate())
             self.metrics.log(self.step, last)
             self._stop_if_nonfinite()
-            last_step = self.step == self.c.total_steps
+            last_step = self.step == self.parts.total_steps
             saved = (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or (cfg.save_freq != 0 and last_step)
             if saved:
                 self.save()
@@ -267,7 +267,7 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint both roles, the data position and this rank's RNG (collective)."""
-        state = {"step": self.step, "data": self.c.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
+        state = {"step": self.step, "data": self.parts.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
                  "kl_coef": self.kl_ctrl.coef}
         return ckpt.save_training_checkpoint(self.cfg.trainer.default_local_dir, self.step, self._roles(), state,
                                              keep=self.cfg.trainer.keep_checkpoints())
@@ -276,11 +276,11 @@ class Trainer:
         """Write the trained actor as a Hugging Face directory (collective)."""
         from megatron_gad.export import export_hf_from_chunks
 
-        finite = all(bool(torch.isfinite(p).all()) for p in self.c.actor.chunks[0].parameters())
+        finite = all(bool(torch.isfinite(p).all()) for p in self.parts.actor.chunks[0].parameters())
         self._stop_together(None if finite else ModelDivergedError("the actor's weights hold inf/NaN"),
                             "before the HF export")
-        dtype = self.c.actor.config.params_dtype
-        export_hf_from_chunks(self.c.actor.chunks, self.c.actor_hf_config, out_dir, self.c.tokenizer_dir, dtype=dtype)
+        dtype = self.parts.actor.config.params_dtype
+        export_hf_from_chunks(self.parts.actor.chunks, self.parts.actor_hf_config, out_dir, self.parts.tokenizer_dir, dtype=dtype)
         self._log0(f"exported the actor to {out_dir}")
 
     # ------------------------------------------------------------------------------ one step
@@ -311,7 +311,7 @@ class Trainer:
             metrics.update(self._update_critic(exp))
         with timer("actor_update"):
             if phase is Phase.GENERATOR_WARMUP:
-                metrics.update(self.c.actor.sft_update(sft_batch(exp.teacher)))
+                metrics.update(self.parts.actor.sft_update(sft_batch(exp.teacher)))
                 self.weights_stale = True
             elif phase is Phase.POLICY:
                 metrics.update(self._update_actor(exp, on_policy))
@@ -329,26 +329,26 @@ class Trainer:
         """This step's learning rates: ``trainer.generator_warmup_lr`` for the SFT warmup, and each
         optimizer's linear ``lr_warmup_steps`` (the actor's counted from its first policy step)."""
         actor_optim = self.cfg.actor_rollout_ref.actor.optim
-        if self.c.critic is not None:
-            set_lr(self.c.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step, self.c.total_steps))
+        if self.parts.critic is not None:
+            set_lr(self.parts.critic.optimizer, warmup_lr(self.cfg.critic.optim, self.step, self.parts.total_steps))
         if phase is Phase.GENERATOR_WARMUP:
-            set_lr(self.c.actor.optimizer, self.cfg.trainer.generator_warmup_lr or actor_optim.lr)
+            set_lr(self.parts.actor.optimizer, self.cfg.trainer.generator_warmup_lr or actor_optim.lr)
         else:
-            set_lr(self.c.actor.optimizer, warmup_lr(actor_optim, max(self.step - self.policy_start, 0),
-                                                     self.c.total_steps))
+            set_lr(self.parts.actor.optimizer, warmup_lr(actor_optim, max(self.step - self.policy_start, 0),
+                                                     self.parts.total_steps))
 
     def _release_rollout(self) -> None:
         """Let the rollout engine free its accelerator memory while the models train."""
-        if self.c.rollout_engine is not None:
-            self.c.rollout_engine.sleep()
+        if self.parts.rollout_engine is not None:
+            self.parts.rollout_engine.sleep()
 
     def _sync_weights(self) -> None:
         if not self.weights_stale:
             return
-        engine = self.c.rollout_engine
+        engine = self.parts.rollout_engine
         if engine is not None:
             engine.wake()
-        sync_weights(self.c.exporter, engine)
+        sync_weights(self.parts.exporter, engine)
         self.weights_stale = False
 
     def _rollout(self, prompts: PromptBatch, n: int, greedy: bool = False) -> tuple[PromptBatch, Experience]:
@@ -356,57 +356,57 @@ class Trainer:
         model-parallel peers: (the prompts repeated to one row per response, the experience).
         A diverged policy raises ModelDivergedError on every rank of the replica."""
         out: Any = None
-        if self.c.rollout_engine is not None:
-            seed = self.cfg.trainer.seed * _SEED_PER_RUN + self.step * _SEED_PER_STEP + self.c.info.dp_rank
+        if self.parts.rollout_engine is not None:
+            seed = self.cfg.trainer.seed * _SEED_PER_RUN + self.step * _SEED_PER_STEP + self.parts.info.dp_rank
             try:
-                gen = self.c.rollout_engine.generate(prompts.input_ids, prompts.attention_mask, n=n, greedy=greedy,
+                gen = self.parts.rollout_engine.generate(prompts.input_ids, prompts.attention_mask, n=n, greedy=greedy,
                                                      seed=seed)
                 out = (gen.responses, gen.response_mask, gen.rollout_log_probs)
             except ModelDivergedError as exc:  # the peers wait for this rank's broadcast: send them the error
                 out = exc
-        out = self.c.share_from_rollout_rank(out)
+        out = self.parts.share_from_rollout_rank(out)
         if isinstance(out, ModelDivergedError):
             raise out
         rows = prompts.repeat(n) if n > 1 else prompts
         student = join(rows.input_ids, rows.attention_mask, out[0], out[1])
-        teacher = teacher_sequences(rows) if self.c.mode is Mode.GAD else None
+        teacher = teacher_sequences(rows) if self.parts.mode is Mode.GAD else None
         return rows, Experience(student=student, group_index=rows.group_index, teacher=teacher,
                                 rollout_log_probs=out[2])
 
     def _strictly_on_policy(self, exp: Experience) -> bool:
         """One epoch over one mini-batch, and nothing needs the old log-probs before the update
         (no KL in the reward): the update's own forward then gives them (no separate pass)."""
-        arr, alg = self.cfg.actor_rollout_ref, self.cfg.algorithm
+        actor_rollout, alg = self.cfg.actor_rollout_ref, self.cfg.algorithm
         mini = self._local_mini_batch("actor_rollout_ref.actor", None)
-        return arr.actor.ppo_epochs == 1 and mini == exp.student.rows and not alg.use_kl_in_reward
+        return actor_rollout.actor.ppo_epochs == 1 and mini == exp.student.rows and not alg.use_kl_in_reward
 
     def _recompute_log_probs(self, exp: Experience, metrics: dict[str, float], actor: bool = True) -> None:
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
-        arr = self.cfg.actor_rollout_ref
+        actor_rollout = self.cfg.actor_rollout_ref
         if actor:
-            exp.old_log_probs, entropy = self.c.actor.compute_log_probs(
-                exp.student, temperature, micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu)
+            exp.old_log_probs, entropy = self.parts.actor.compute_log_probs(
+                exp.student, temperature, micro_batch_size=actor_rollout.rollout.log_prob_micro_batch_size_per_gpu)
             self._log_prob_metrics(exp, entropy, metrics)
-        if self.c.ref is not None:
-            exp.ref_log_probs, _ = self.c.ref.compute_log_probs(
-                exp.student, temperature, micro_batch_size=arr.ref.log_prob_micro_batch_size_per_gpu)
+        if self.parts.ref is not None:
+            exp.ref_log_probs, _ = self.parts.ref.compute_log_probs(
+                exp.student, temperature, micro_batch_size=actor_rollout.ref.log_prob_micro_batch_size_per_gpu)
 
     def _log_prob_metrics(self, exp: Experience, entropy: torch.Tensor, metrics: dict[str, float]) -> None:
         """Rollout entropy and the rollout engine's agreement with the Megatron log-probs."""
         mask = exp.student.response_mask.double()
         diff = (exp.rollout_log_probs.double() - exp.old_log_probs.double()).abs()
         # token-weighted means over the whole (DP-split) batch; the max over its valid tokens
-        totals = self.c.dp_sum(torch.stack([(entropy * mask).sum(), (diff * mask).sum(), mask.sum()]))
+        totals = self.parts.dp_sum(torch.stack([(entropy * mask).sum(), (diff * mask).sum(), mask.sum()]))
         tokens = totals[2].clamp(min=1)
         valid_diff = diff[exp.student.response_mask.bool()]
         metrics["actor/entropy_rollout"] = float(totals[0] / tokens)
         metrics["rollout/logprob_abs_diff_mean"] = float(totals[1] / tokens)
-        metrics["rollout/logprob_abs_diff_max"] = self.c.dp_max(float(valid_diff.max()) if valid_diff.numel() else 0.0)
+        metrics["rollout/logprob_abs_diff_max"] = self.parts.dp_max(float(valid_diff.max()) if valid_diff.numel() else 0.0)
 
     def _score(self, exp: Experience, rows: PromptBatch, metrics: dict[str, float]) -> None:
         """The step's scores: the discriminator's (GAD data) or the reward function's, and the
         value model's values when the critic is one (``rows``: one per response)."""
-        role = self.c.critic_role
+        role = self.parts.critic_role
         if role is CriticRole.DISCRIMINATOR:
             repeat = self.cfg.critic.teacher_repeat
             if repeat > 0:
@@ -416,27 +416,27 @@ class Trainer:
                 exp.teacher_scores = teacher_forced_scores(exp.group_index, repeat)
                 exp.scores = exp.teacher_scores
             else:
-                exp.scores = self.c.critic.compute_scores(exp.student)
-                exp.teacher_scores = self.c.critic.compute_scores(exp.teacher)
-                metrics["critic/teacher_score_gt_student"] = self.c.dp_mean(
+                exp.scores = self.parts.critic.compute_scores(exp.student)
+                exp.teacher_scores = self.parts.critic.compute_scores(exp.teacher)
+                metrics["critic/teacher_score_gt_student"] = self.parts.dp_mean(
                     float(discriminator_accuracy(exp.teacher_scores, exp.scores)))
         else:
             scores = None
-            if self.c.rollout_engine is not None:  # one call per replica, shared: rewards may be costly or random
-                texts = self.c.decode(exp.student.responses, exp.student.response_mask)
+            if self.parts.rollout_engine is not None:  # one call per replica, shared: rewards may be costly or random
+                texts = self.parts.decode(exp.student.responses, exp.student.response_mask)
                 scores = score_responses(self.reward_fn, texts, rows.data_source, rows.ground_truth,
                                          extra_infos(rows))
-            exp.scores = self.c.share_from_rollout_rank(scores)
-        metrics["critic/score_mean"] = self.c.dp_mean(float(exp.scores.mean()))
+            exp.scores = self.parts.share_from_rollout_rank(scores)
+        metrics["critic/score_mean"] = self.parts.dp_mean(float(exp.scores.mean()))
         if role is CriticRole.VALUE:
-            exp.values = self.c.critic.compute_values(exp.student)
+            exp.values = self.parts.critic.compute_values(exp.student)
 
     def _advantages(self, exp: Experience, metrics: dict[str, float], phase: Phase) -> None:
         alg = self.cfg.algorithm
         exp.advantages, exp.returns = compute_advantages(
             alg.adv_estimator, exp.scores, exp.group_index, exp.student.response_mask, values=exp.values,
             norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam,
-            token_penalty=self._reward_kl_penalty(exp, metrics, phase), reduce=self.c.dp_sum,
+            token_penalty=self._reward_kl_penalty(exp, metrics, phase), reduce=self.parts.dp_sum,
         )
 
     def _reward_kl_penalty(self, exp: Experience, metrics: dict[str, float], phase: Phase) -> torch.Tensor | None:
@@ -448,49 +448,49 @@ class Trainer:
             return None
         mask = exp.student.response_mask.float()
         kl = kl_penalty(exp.old_log_probs, exp.ref_log_probs, alg.kl_penalty) * mask
-        mean_kl = self.c.dp_mean(float((kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean()))
+        mean_kl = self.parts.dp_mean(float((kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean()))
         penalty = self.kl_ctrl.coef * kl
         metrics["actor/reward_kl_penalty"] = mean_kl
         metrics["actor/reward_kl_penalty_coeff"] = self.kl_ctrl.coef
         if phase is Phase.POLICY:
-            self.kl_ctrl.update(mean_kl, exp.student.rows * self.c.info.dp)
+            self.kl_ctrl.update(mean_kl, exp.student.rows * self.parts.info.dp)
         return penalty
 
     def _update_critic(self, exp: Experience) -> dict[str, float]:
-        role = self.c.critic_role
+        role = self.parts.critic_role
         if role is CriticRole.NONE:
             return {}
         mini = self._local_mini_batch("critic", self.cfg.critic.ppo_mini_batch_size)
         if role is CriticRole.DISCRIMINATOR:
-            return self.c.critic.update_discriminator(PairBatch(exp.student, exp.teacher), mini_batch_size=mini)
-        return self.c.critic.update_values(ValueBatch(exp.student, exp.values, exp.returns), mini_batch_size=mini)
+            return self.parts.critic.update_discriminator(PairBatch(exp.student, exp.teacher), mini_batch_size=mini)
+        return self.parts.critic.update_values(ValueBatch(exp.student, exp.values, exp.returns), mini_batch_size=mini)
 
     def _local_mini_batch(self, where: str, prompts: int | None) -> int:
         prompts = prompts or self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size
-        return local_mini_batch_size(prompts, self.cfg.actor_rollout_ref.rollout.n, self.c.info.dp, where)
+        return local_mini_batch_size(prompts, self.cfg.actor_rollout_ref.rollout.n, self.parts.info.dp, where)
 
     def _update_actor(self, exp: Experience, on_policy: bool = False) -> dict[str, float]:
         self.weights_stale = True
         batch = PolicyBatch(exp.student, exp.old_log_probs, exp.advantages, exp.ref_log_probs)
         if on_policy:  # the old log-probs (and their metrics) come from the update's forward
-            metrics, exp.old_log_probs, entropy = self.c.actor.update_on_policy(
+            metrics, exp.old_log_probs, entropy = self.parts.actor.update_on_policy(
                 batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature, shuffle_seed=self.step)
             self._log_prob_metrics(exp, entropy, metrics)
             return metrics
         mini = self._local_mini_batch("actor_rollout_ref.actor", None)
-        return self.c.actor.update(batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
+        return self.parts.actor.update(batch, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
                                    mini_batch_size=mini, shuffle_seed=self.step)
 
     def _step_stats(self, exp: Experience, phase: Phase, metrics: dict) -> dict[str, float]:
         lengths = exp.student.response_mask.float().sum(-1)
-        tokens = int(self.c.dp_sum(exp.student.attention_mask.sum().reshape(1))[0])
+        tokens = int(self.parts.dp_sum(exp.student.attention_mask.sum().reshape(1))[0])
         seconds = metrics["timing/step"]
         return {
             "trainer/actor_updated": float(phase is Phase.POLICY),
             "trainer/generator_warmup": float(phase is Phase.GENERATOR_WARMUP),
-            "response_length/mean": self.c.dp_mean(float(lengths.mean())),
-            "response_length/max": self.c.dp_max(float(lengths.max())),
-            **throughput_metrics(tokens, seconds, self.c.info.world_size),
+            "response_length/mean": self.parts.dp_mean(float(lengths.mean())),
+            "response_length/max": self.parts.dp_max(float(lengths.max())),
+            **throughput_metrics(tokens, seconds, self.parts.info.world_size),
         }
 
     def _count_nonfinite(self, metrics: dict[str, float]) -> None:
@@ -517,7 +517,7 @@ class Trainer:
         same for one sample per prompt at the rollout temperature (``val/checker_*_sampled``)."""
         sums = torch.zeros(len(_VAL_SUMS), dtype=torch.float64)
         slot = {name: i for i, name in enumerate(_VAL_SUMS)}
-        gad = self.c.mode is Mode.GAD
+        gad = self.parts.mode is Mode.GAD
         checks = torch.zeros(2 * len(CHECKS) + 2, dtype=torch.float64)  # greedy, then sampled
         teacher_batches: list[PromptBatch] = []
         diverged = None
@@ -525,11 +525,11 @@ class Trainer:
         try:
             if self.weights_stale:
                 self._sync_weights()
-            elif self.c.rollout_engine is not None:
-                self.c.rollout_engine.wake()
-            for batch in self.c.val_loader.batches():
+            elif self.parts.rollout_engine is not None:
+                self.parts.rollout_engine.wake()
+            for batch in self.parts.val_loader.batches():
                 _, exp = self._rollout(batch, 1, greedy=True)
-                texts = self.c.decode(exp.student.responses, exp.student.response_mask)
+                texts = self.parts.decode(exp.student.responses, exp.student.response_mask)
                 scores = None
                 if self.reward_fn is not None:
                     scores = score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
@@ -546,17 +546,17 @@ class Trainer:
                 checks[:len(CHECKS) + 1] += checker_counts(batch, texts)
                 if any(s in TASK_STYLES for s in batch.data_source):  # a demo task: its sampled answers too
                     _, sampled = self._rollout(batch, 1)
-                    checks[len(CHECKS) + 1:] += checker_counts(batch, self.c.decode(sampled.student.responses,
+                    checks[len(CHECKS) + 1:] += checker_counts(batch, self.parts.decode(sampled.student.responses,
                                                                                     sampled.student.response_mask))
         except ModelDivergedError as exc:
             diverged = exc
         self._release_rollout()
         self._stop_together(diverged, f"validating after step {self.step}")
-        if self.c.info.rank == 0 and self.cfg.trainer.log_val_generations:
+        if self.parts.info.rank == 0 and self.cfg.trainer.log_val_generations:
             log_val_generations(self.cfg.trainer.default_local_dir, self.step, shown)
         if self.cfg.trainer.teacher_forced_validation:  # Megatron passes, with the engine asleep
             sums[slot["teacher_log_prob"]] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
-        totals = dict(zip(_VAL_SUMS, self.c.dp_sum(sums)))
+        totals = dict(zip(_VAL_SUMS, self.parts.dp_sum(sums)))
         teacher_tokens = totals["teacher_tokens"].clamp(min=1)
         out = {}
         if gad:
@@ -566,7 +566,7 @@ class Trainer:
                 out["val/teacher_log_prob"] = float(totals["teacher_log_prob"] / teacher_tokens)
         if self.reward_fn is not None:
             out["val/reward"] = float(totals["reward"] / totals["rows"])
-        checks = self.c.dp_sum(checks)
+        checks = self.parts.dp_sum(checks)
         k = len(CHECKS)
         if checks[k] > 0:
             for start, suffix in ((0, ""), (k + 1, "_sampled")):
@@ -591,7 +591,7 @@ class Trainer:
         (collective over the model-parallel group)."""
         teacher = teacher_sequences(batch)
         micro = math.gcd(teacher.rows, self.cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu)
-        log_probs, _ = self.c.actor.compute_log_probs(teacher, 1.0, micro_batch_size=micro)
+        log_probs, _ = self.parts.actor.compute_log_probs(teacher, 1.0, micro_batch_size=micro)
         return float((log_probs * teacher.response_mask).sum())
 
 

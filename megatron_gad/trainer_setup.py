@@ -285,15 +285,15 @@ def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | Non
 
     sources = sources or model_weight_sources(cfg, critic_hf is not None)
     tp, pp = info.tp, info.pp
-    arr = cfg.actor_rollout_ref
-    actor_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype),
-                                          **recompute_settings(arr.model))
-    actor = ActorEngine.create(actor_tf, model_args_from_hf(actor_hf), arr.actor, arr.actor.optim)
-    loaded = _load_initial_weights(actor, arr.model.path, actor_hf, "actor", sources["actor"], info)
+    actor_rollout = cfg.actor_rollout_ref
+    actor_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(actor_rollout.model.dtype),
+                                          **recompute_settings(actor_rollout.model))
+    actor = ActorEngine.create(actor_tf, model_args_from_hf(actor_hf), actor_rollout.actor, actor_rollout.actor.optim)
+    loaded = _load_initial_weights(actor, actor_rollout.model.path, actor_hf, "actor", sources["actor"], info)
     ref = None
-    if arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
-        ref_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(arr.model.dtype))
-        ref = ActorEngine.create(ref_tf, model_args_from_hf(actor_hf), arr.actor)
+    if actor_rollout.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
+        ref_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(actor_rollout.model.dtype))
+        ref = ActorEngine.create(ref_tf, model_args_from_hf(actor_hf), actor_rollout.actor)
         _copy_params(ref, actor)  # the reference is the initial policy
     critic = None
     if critic_hf is not None:

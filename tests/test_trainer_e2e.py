@@ -125,15 +125,15 @@ def _warmup_probe(overrides: list[str]) -> tuple[bool, bool]:
     from megatron_gad.trainer import Trainer
 
     trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
-    snapshot = lambda: {n: t.clone() for n, t in full_tensors(trainer.c.actor.chunks[0])}  # noqa: E731
-    params0, critic0 = snapshot(), dict(full_tensors(trainer.c.critic.chunks[0]))
+    snapshot = lambda: {n: t.clone() for n, t in full_tensors(trainer.parts.actor.chunks[0])}  # noqa: E731
+    params0, critic0 = snapshot(), dict(full_tensors(trainer.parts.critic.chunks[0]))
     critic0 = {n: t.clone() for n, t in critic0.items()}
     for _ in range(2):  # critic_warmup = 2
-        trainer.train_step(trainer.c.loader.next_batch())
+        trainer.train_step(trainer.parts.loader.next_batch())
         trainer.step += 1
     params2 = snapshot()
-    critic_moved = any(not torch.equal(critic0[n], t) for n, t in full_tensors(trainer.c.critic.chunks[0]))
-    trainer.train_step(trainer.c.loader.next_batch())
+    critic_moved = any(not torch.equal(critic0[n], t) for n, t in full_tensors(trainer.parts.critic.chunks[0]))
+    trainer.train_step(trainer.parts.loader.next_batch())
     params3 = snapshot()
     untouched = all(torch.equal(params0[n], params2[n]) for n in params0) and critic_moved
     return untouched, any(not torch.equal(params2[n], params3[n]) for n in params2)
@@ -258,8 +258,8 @@ def _weights_after_setup(overrides: list[str], hf_dir: str) -> dict:
     trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
     expected = hf_to_megatron_state(load_file(os.path.join(hf_dir, "model.safetensors")),
                                     AutoConfig.from_pretrained(hf_dir), "actor")
-    actor = dict(full_tensors(trainer.c.actor.chunks[0]))
-    critic = dict(full_tensors(trainer.c.critic.chunks[0]))
+    actor = dict(full_tensors(trainer.parts.actor.chunks[0]))
+    critic = dict(full_tensors(trainer.parts.critic.chunks[0]))
     return {
         "actor": all(torch.equal(actor[n], expected[n]) for n in expected),
         "critic_trunk": all(torch.equal(critic[f"trunk.{n}"], t) for n, t in expected.items()
@@ -319,8 +319,8 @@ def _export_matches_the_actor(overrides: list[str]) -> dict:
     trainer = Trainer(cfg)
     trainer.fit()
     expected = {}
-    for name, full in full_tensors(trainer.c.actor.chunks[0]):
-        expected.update(megatron_to_hf_tensors(name, full, trainer.c.actor_hf_config, "actor"))
+    for name, full in full_tensors(trainer.parts.actor.chunks[0]):
+        expected.update(megatron_to_hf_tensors(name, full, trainer.parts.actor_hf_config, "actor"))
     export_dir = os.path.join(cfg.trainer.default_local_dir, "actor_hf")
     files = [f for f in os.listdir(export_dir) if f.endswith(".safetensors")]
     exported = {k: v for f in files for k, v in load_file(os.path.join(export_dir, f)).items()}
@@ -363,7 +363,7 @@ def _diagnostic_step(overrides: list[str]) -> dict:
     from megatron_gad.trainer import Trainer
 
     trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
-    return trainer.train_step(trainer.c.loader.next_batch())
+    return trainer.train_step(trainer.parts.loader.next_batch())
 
 
 def test_teacher_forced_diagnostic_feeds_grpo_known_ranks(assets, tmp_path) -> None:

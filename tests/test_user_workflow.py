@@ -270,7 +270,7 @@ def _train_demo(overrides: list[str]) -> dict:
     trainer = Trainer(load_config(os.path.join(CONFIGS, "demo.yaml"), overrides))
     trainer.fit()
     return {role: unwrap(engine.chunks[0]).config.recompute_granularity
-            for role, engine in (("actor", trainer.c.actor), ("critic", trainer.c.critic))}
+            for role, engine in (("actor", trainer.parts.actor), ("critic", trainer.parts.critic))}
 
 
 @pytest.mark.slow

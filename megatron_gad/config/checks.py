@@ -25,10 +25,10 @@ def merge_actor_keys(cfg: TrainConfig, yaml_keys: set[str], cli_keys: set[str]) 
     The command line beats YAML; within one source ``actor_rollout_ref.<k>`` wins, and two different
     values in one source are refused. Afterwards both places hold the value in force.
     """
-    arr = cfg.actor_rollout_ref
+    actor_rollout = cfg.actor_rollout_ref
     for key in ACTOR_KEYS_AT_TOP:
         top, low = f"actor_rollout_ref.{key}", f"actor_rollout_ref.actor.{key}"
-        top_val, low_val = getattr(arr, key), getattr(arr.actor, key)
+        top_val, low_val = getattr(actor_rollout, key), getattr(actor_rollout.actor, key)
         top_rank = _source_rank(top, yaml_keys, cli_keys) if top_val is not None else 0
         low_rank = _source_rank(low, yaml_keys, cli_keys)
         if top_rank and top_rank == low_rank and top_val != low_val:
@@ -38,8 +38,8 @@ def merge_actor_keys(cfg: TrainConfig, yaml_keys: set[str], cli_keys: set[str]) 
                 f"(they are the same setting)"
             )
         value = top_val if top_rank >= low_rank and top_rank else low_val
-        setattr(arr.actor, key, value)
-        setattr(arr, key, value)
+        setattr(actor_rollout.actor, key, value)
+        setattr(actor_rollout, key, value)
 
 
 def resolve_defaults(cfg: TrainConfig, given: set[str] = frozenset()) -> None:
@@ -49,15 +49,15 @@ def resolve_defaults(cfg: TrainConfig, given: set[str] = frozenset()) -> None:
     The rollout's prompt/response lengths follow ``data``; the rollout's and the data order's
     seeds follow ``trainer.seed``.
     """
-    arr, critic, trainer, rollout = cfg.actor_rollout_ref, cfg.critic, cfg.trainer, cfg.actor_rollout_ref.rollout
+    actor_rollout, critic, trainer, rollout = cfg.actor_rollout_ref, cfg.critic, cfg.trainer, cfg.actor_rollout_ref.rollout
     if not critic.model.path:
-        critic.model.path = arr.model.path
+        critic.model.path = actor_rollout.model.path
     if critic.megatron is None:
-        critic.megatron = dataclasses.replace(arr.megatron)
+        critic.megatron = dataclasses.replace(actor_rollout.megatron)
     if critic.ppo_mini_batch_size is None:
-        critic.ppo_mini_batch_size = arr.actor.ppo_mini_batch_size
+        critic.ppo_mini_batch_size = actor_rollout.actor.ppo_mini_batch_size
     if critic.ppo_micro_batch_size_per_gpu is None:
-        critic.ppo_micro_batch_size_per_gpu = arr.actor.ppo_micro_batch_size_per_gpu
+        critic.ppo_micro_batch_size_per_gpu = actor_rollout.actor.ppo_micro_batch_size_per_gpu
     inherited = {"response_length": cfg.data.max_response_length, "prompt_length": cfg.data.max_prompt_length,
                  "seed": trainer.seed}
     for key, value in inherited.items():
@@ -160,32 +160,32 @@ def _trainer_problems(cfg: TrainConfig) -> list[str]:
 
 
 def _layout_problems(cfg: TrainConfig, world_size: int) -> list[str]:
-    arr, critic = cfg.actor_rollout_ref, cfg.critic
+    actor_rollout, critic = cfg.actor_rollout_ref, cfg.critic
     assert critic.megatron is not None and critic.ppo_mini_batch_size is not None
     assert critic.ppo_micro_batch_size_per_gpu is not None
-    n, problems = arr.rollout.n, []
-    if cfg.data.train_batch_size % arr.actor.ppo_mini_batch_size:
+    n, problems = actor_rollout.rollout.n, []
+    if cfg.data.train_batch_size % actor_rollout.actor.ppo_mini_batch_size:
         problems.append(
             f"data.train_batch_size={cfg.data.train_batch_size} is not divisible by "
-            f"actor_rollout_ref.ppo_mini_batch_size={arr.actor.ppo_mini_batch_size} (both count prompts)"
+            f"actor_rollout_ref.ppo_mini_batch_size={actor_rollout.actor.ppo_mini_batch_size} (both count prompts)"
         )
-    if critic.ppo_mini_batch_size % arr.actor.ppo_mini_batch_size or cfg.data.train_batch_size % critic.ppo_mini_batch_size:
+    if critic.ppo_mini_batch_size % actor_rollout.actor.ppo_mini_batch_size or cfg.data.train_batch_size % critic.ppo_mini_batch_size:
         problems.append(
             f"critic.ppo_mini_batch_size={critic.ppo_mini_batch_size} must be a multiple of "
-            f"actor_rollout_ref.ppo_mini_batch_size={arr.actor.ppo_mini_batch_size} and divide "
+            f"actor_rollout_ref.ppo_mini_batch_size={actor_rollout.actor.ppo_mini_batch_size} and divide "
             f"data.train_batch_size={cfg.data.train_batch_size} (prompts are laid out over DP by actor mini-batch)"
         )
-    problems += _batch_problems("actor_rollout_ref.actor", arr.actor.ppo_mini_batch_size,
-                                arr.actor.ppo_micro_batch_size_per_gpu, n, arr.megatron, world_size)
+    problems += _batch_problems("actor_rollout_ref.actor", actor_rollout.actor.ppo_mini_batch_size,
+                                actor_rollout.actor.ppo_micro_batch_size_per_gpu, n, actor_rollout.megatron, world_size)
     problems += _batch_problems("critic", critic.ppo_mini_batch_size, critic.ppo_micro_batch_size_per_gpu,
                                 n, critic.megatron, world_size)
-    if critic.megatron != arr.megatron:
+    if critic.megatron != actor_rollout.megatron:
         problems.append(
             f"critic.megatron ({_layout(critic.megatron)}) differs from actor_rollout_ref.megatron "
-            f"({_layout(arr.megatron)}): both roles share one Megatron parallel state; use the same sizes"
+            f"({_layout(actor_rollout.megatron)}): both roles share one Megatron parallel state; use the same sizes"
         )
-    problems += _model_problems("actor_rollout_ref", arr.model.path, arr.megatron)
-    if critic.model.path != arr.model.path:
+    problems += _model_problems("actor_rollout_ref", actor_rollout.model.path, actor_rollout.megatron)
+    if critic.model.path != actor_rollout.model.path:
         problems += _model_problems("critic", critic.model.path, critic.megatron)
     return problems
 
