@@ -345,10 +345,9 @@ class Trainer:
     def _sync_weights(self) -> None:
         if not self.weights_stale:
             return
-        engine = self.parts.rollout_engine
-        if engine is not None:
-            engine.wake()
-        sync_weights(self.parts.exporter, engine)
+        # The engine's load_weights wakes what it needs in order (vLLM: the weights, then the KV
+        # cache once they are loaded), so the two are never resident beside the buckets at once.
+        sync_weights(self.parts.exporter, self.parts.rollout_engine)
         self.weights_stale = False
 
     def _rollout(self, prompts: PromptBatch, n: int, greedy: bool = False) -> tuple[PromptBatch, Experience]:
