@@ -411,7 +411,14 @@ def test_a_second_run_on_the_same_directory_is_refused(assets, tmp_path, three_s
     first = _start(overrides(assets, out))
     lock = os.path.join(out, "run.lock")
     wait_for(first, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0, "the lock")
-    second = run_cli(overrides(assets, out))
+    # Freeze the holder while the second run starts: on an idle machine the first run's 3 steps
+    # can end before the second has imported its way to the lock.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before it could be held"
+        second = run_cli(overrides(assets, out))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines()[-1] == (
         f"error: trainer.default_local_dir={out!r} is in use by another run (host={os.uname().nodename} "
