@@ -250,12 +250,8 @@ class Timer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
-        """``{"timing/<phase>": seconds}`` for every phase measured since the last reset."""
+        """``{"timing/<phase>": seconds}`` for every phase this timer measured (one timer per step)."""
         return {f"timing/{phase}": value for phase, value in self.seconds.items()}
-
-    def reset(self) -> None:
-        """Forget all phases (call once per step, after reading :meth:`metrics`)."""
-        self.seconds = {}
 
 
 def throughput_metrics(num_tokens: int, seconds: float, world_size: int = 1) -> dict[str, float]:

@@ -19,7 +19,7 @@ from megatron_gad.engine.batch import (PolicyBatch, SequenceBatch, SftBatch, pad
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.engine import RoleEngine
 from megatron_gad.engine.forward_step import collect_log_probs, policy_loss_func, sft_loss_func
-from megatron_gad.engine.metrics import MetricAccumulator, broadcast_from_last_stage, global_count, mean_metrics
+from megatron_gad.engine.reduce import MetricAccumulator, broadcast_from_last_stage, global_count, mean_metrics
 from megatron_gad.losses import agg_normalizer
 from megatron_gad.models.actor import build_actor
 from megatron_gad.models.build import OptimConfig

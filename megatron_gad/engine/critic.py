@@ -19,7 +19,7 @@ from megatron_gad.engine.batch import PairBatch, SequenceBatch, ValueBatch, spli
 from megatron_gad.engine.config import CriticLossConfig
 from megatron_gad.engine.engine import RoleEngine
 from megatron_gad.engine.forward_step import collect_critic, discriminator_loss_func, value_loss_func
-from megatron_gad.engine.metrics import MetricAccumulator, global_count, mean_metrics
+from megatron_gad.engine.reduce import MetricAccumulator, global_count, mean_metrics
 from megatron_gad.losses import agg_normalizer
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.models.critic import build_critic

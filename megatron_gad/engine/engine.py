@@ -28,7 +28,7 @@ from torch import Tensor
 
 from megatron_gad.engine.batch import model_inputs, pad_responses, split_rows, trim_padding
 from megatron_gad.engine.forward_step import make_forward_step
-from megatron_gad.engine.metrics import _ps, broadcast_from_last_stage
+from megatron_gad.engine.reduce import _ps, broadcast_from_last_stage
 from megatron_gad.models.build import OptimConfig, build_model, build_optimizer
 from megatron_gad.runtime.distributed import device
 

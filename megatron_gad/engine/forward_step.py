@@ -27,7 +27,7 @@ from torch import Tensor
 
 from megatron_gad.engine.batch import PairBatch, PolicyBatch, SftBatch, ValueBatch, model_inputs, to_device
 from megatron_gad.engine.config import ActorConfig
-from megatron_gad.engine.metrics import MetricAccumulator
+from megatron_gad.engine.reduce import MetricAccumulator
 from megatron_gad.losses import agg_loss, discriminator_half_points, discriminator_loss, kl_penalty
 from megatron_gad.losses import policy_loss, value_loss
 from megatron_gad.models.critic import sequence_scores
