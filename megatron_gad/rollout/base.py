@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -131,13 +131,11 @@ class RolloutOutput:
     ``response_mask``: [B*n, R] long, 1 on generated tokens (including a final EOS).
     ``rollout_log_probs``: [B*n, R] float32, log-prob of each sampled token under the engine's
     processed sampling distribution (see the engine's docstring); 0 on padding.
-    ``finish_reasons``: per row, ``"stop"`` (an EOS was sampled) or ``"length"``.
     """
 
     responses: Tensor
     response_mask: Tensor
     rollout_log_probs: Tensor
-    finish_reasons: list[str] = field(default_factory=list)
 
 
 class RolloutEngine(abc.ABC):

@@ -154,12 +154,9 @@ class CPURolloutEngine(RolloutEngine):
         valid = steps < length[:, None]
         tokens = torch.where(valid, tokens, torch.full_like(tokens, self.tokens.pad_token_id))[:, :width]
         logps = torch.where(valid, logps, torch.zeros_like(logps))[:, :width]
-        eos = torch.tensor(self.tokens.eos_token_ids, device=tokens.device)
-        last = tokens.gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
-        reasons = ["stop" if bool(torch.isin(t, eos)) else "length" for t in last]
         return RolloutOutput(
             responses=tokens.cpu(), response_mask=valid[:, :width].long().cpu(),
-            rollout_log_probs=logps.float().cpu(), finish_reasons=reasons,
+            rollout_log_probs=logps.float().cpu(),
         )
 
 

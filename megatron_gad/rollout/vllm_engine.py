@@ -265,19 +265,17 @@ class VLLMRolloutEngine(RolloutEngine):
         ]
         params = [self._sampling_params(n, greedy, base + i * n) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        tokens, logps, reasons = [], [], []
+        tokens, logps = [], []
         for request in outputs:
             for completion in sorted(request.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 tokens.append(ids)
                 logps.append([_sampled_logprob(step, tok) for step, tok in zip(completion.logprobs, ids)])
-                reasons.append("stop" if completion.finish_reason == "stop" else "length")
         width = max(1, max(len(t) for t in tokens))
         return RolloutOutput(
             responses=pad_rows(tokens, width, self.tokens.pad_token_id, torch.long),
             response_mask=pad_rows([[1] * len(t) for t in tokens], width, 0, torch.long),
             rollout_log_probs=pad_rows(logps, width, 0.0, torch.float32),
-            finish_reasons=reasons,
         )
 
 

@@ -64,7 +64,7 @@ def test_greedy_equals_transformers_generate(arch: str, tied: bool) -> None:
     assert (expected[:, out.responses.shape[1]:] == PAD).all()
     assert len(set(free[0].tolist())) > 2, "greedy output is degenerate: the test would be weak"
     stop_len = int((free[0] == eos).int().argmax()) + 1
-    assert out.response_mask[0].sum() == stop_len and out.finish_reasons[0] == "stop"
+    assert out.response_mask[0].sum() == stop_len and out.responses[0, stop_len - 1] == eos  # stopped at EOS
     assert (out.responses[0, stop_len:] == PAD).all() and (out.rollout_log_probs[0, stop_len:] == 0).all()
 
 
