@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         report["tests"] = timed("tests", lambda: run_gpu_tests(dry, timeout_s=240))
     if "demo" not in skip:
         # the dry run trains on 4 prompts a step (the demo's 16 cost a minute of CPU there)
-        small = ["data.train_batch_size=4", "actor_rollout_ref.ppo_mini_batch_size=4"] if dry else []
+        small = (["data.train_batch_size=4", "actor_rollout_ref.ppo_mini_batch_size=4", "critic.ppo_mini_batch_size=4"]
+                 if dry else [])
         report["demo"] = timed("demo", lambda: run_demo(demo_steps, timeout_s=300, extra=small))
     if not {"train", "export"} <= skip:
         from megatron_gad.runtime.distributed import destroy_distributed, init_distributed

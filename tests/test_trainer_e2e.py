@@ -296,7 +296,10 @@ def test_standard_ppo_with_adaptive_kl_in_reward(assets, tmp_path) -> None:
     out = str(tmp_path / "run")
     extra = {"actor_rollout_ref.rollout.n": 1, "algorithm.adv_estimator": "gae", "algorithm.use_kl_in_reward": True,
              "algorithm.kl_penalty": "low_var_kl", "algorithm.kl_ctrl.type": "adaptive",
-             "algorithm.kl_ctrl.kl_coef": 0.1, "algorithm.kl_ctrl.horizon": 40, "algorithm.kl_ctrl.target_kl": 0.01}
+             "algorithm.kl_ctrl.kl_coef": 0.1, "algorithm.kl_ctrl.horizon": 40, "algorithm.kl_ctrl.target_kl": 0.01,
+             # The value model starts from a zero head and the demo reward is mostly 0, so every
+             # advantage can be 0: the entropy bonus makes sure the actor moves.
+             "actor_rollout_ref.actor.entropy_coeff": 0.01}
     run_distributed(train, 1, args=("ppo.yaml", overrides_for(assets, out, False, **extra)), timeout_s=600)
     rows = read_metrics(out)
     coefs = [r["actor/reward_kl_penalty_coeff"] for r in rows]
@@ -387,16 +390,20 @@ def _run_cli_expecting_exit_2(overrides: list[str]) -> str:
 def test_non_finite_losses_skip_updates_and_stop_the_run(assets, tmp_path) -> None:
     """An absurd critic learning rate blows the discriminator up within its first updates: from
     then on its scores and losses are non-finite, the critic and actor updates are skipped and counted,
-    and the run stops with exit 2 after the configured number in a row, the tripping step logged."""
+    and the run stops with exit 2 after the configured number in a row, the tripping step logged.
+    (The head starts at zero, so the first update moves the head alone; at lr 1e30 the scores only
+    saturate the loss, at 1e37 the head's next scores overflow.)"""
     out = str(tmp_path / "run")
-    extra = {"critic.optim.lr": 1e30, "trainer.max_consecutive_nonfinite": 2, "trainer.total_training_steps": 5}
+    extra = {"critic.optim.lr": 1e37, "trainer.max_consecutive_nonfinite": 2, "trainer.total_training_steps": 5}
     last_line = _run_cli_expecting_exit_2(overrides_for(assets, out, True, **extra))
     assert last_line.startswith("error: 2 steps in a row had non-finite losses"), last_line
     rows = read_metrics(out)
     finite_steps = len(rows) - 2  # the blown-up critic overflows within a step or two
     assert 1 <= finite_steps <= 3 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert [r["trainer/nonfinite_steps_in_row"] for r in rows] == [0.0] * finite_steps + [1.0, 2.0]
-    assert [r["critic/update_skipped"] for r in rows] == [0.0] * finite_steps + [1.0, 1.0]
+    skipped = [r["critic/update_skipped"] for r in rows]
+    # the first update is taken; the last finite step's gradient may already overflow (skipped)
+    assert skipped[0] == 0.0 and skipped[-2:] == [1.0, 1.0] and set(skipped) <= {0.0, 1.0}
 
 
 def test_diverged_actor_weights_stop_the_run_before_a_rollout(assets, tmp_path) -> None:
