@@ -20,13 +20,9 @@ DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config file (default: the embedded demo)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.critic_warmup=10")
-    args = parser.parse_args(argv)
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"override {item!r} is not of the form dotted.key=value")
+    from megatron_gad.launch import parse_run_args
+
+    args = parse_run_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), argv)
     return args.config, args.overrides
 
 

@@ -63,12 +63,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--master-port", "--master_port", type=int, default=29500, dest="master_port",
                    help="rendezvous port on node 0 (several nodes)")
     p.add_argument("--check", action="store_true", help="only run the checks (exit 0 when the run can start)")
-    p.add_argument("--config", help="YAML config file (default: the embedded demo)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.critic_warmup=10")
-    args = p.parse_args(argv)
+    return parse_run_args(p, argv)
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Add the arguments every entry point takes (``--config``, dotted overrides) to ``parser``
+    and parse ``argv``; an override without ``=`` is a usage error (exit 2)."""
+    parser.add_argument("--config", help="YAML config file (default: the embedded demo)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.critic_warmup=10")
+    args = parser.parse_args(argv)
     for item in args.overrides:
         if "=" not in item:
-            p.error(f"override {item!r} is not of the form dotted.key=value")
+            parser.error(f"override {item!r} is not of the form dotted.key=value")
     return args
 
 
