@@ -172,11 +172,12 @@ class CriticConfig:
     """Parallel layout of the critic (None: the actor's)."""
 
     def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where.<field>`` for an invalid count or clip range."""
-        if self.ppo_epochs < 1:
-            raise ValueError(f"{where}.ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        if self.cliprange_value < 0:
-            raise ValueError(f"{where}.cliprange_value must be >= 0, got {self.cliprange_value}")
+        """Raise ValueError naming ``where.<field>`` for an invalid count or clip range: the
+        engine's own rules (:meth:`CriticLossConfig.validate`) plus ``teacher_repeat``."""
+        micro = self.ppo_micro_batch_size_per_gpu  # None until load_config resolves it (the actor's)
+        CriticLossConfig(ppo_epochs=self.ppo_epochs, cliprange_value=self.cliprange_value,
+                         loss_agg_mode=self.loss_agg_mode,
+                         **({} if micro is None else {"ppo_micro_batch_size_per_gpu": micro})).validate(where)
         if self.teacher_repeat < 0:
             raise ValueError(f"{where}.teacher_repeat must be >= 0, got {self.teacher_repeat}")
 

@@ -102,8 +102,9 @@ class CriticLossConfig:
         check_choice(f"{where}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         if self.cliprange_value < 0:
             raise ValueError(f"{where}.cliprange_value must be >= 0, got {self.cliprange_value}")
-        if self.ppo_epochs < 1 or self.ppo_micro_batch_size_per_gpu < 1:
-            raise ValueError(f"{where}.ppo_epochs and ppo_micro_batch_size_per_gpu must be >= 1")
+        for name in ("ppo_epochs", "ppo_micro_batch_size_per_gpu"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def local_mini_batch_size(ppo_mini_batch_size: int, n: int, dp: int, where: str) -> int:

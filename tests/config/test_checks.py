@@ -118,6 +118,8 @@ def test_trainer_checks(tmp_path: Path) -> None:
 def test_critic_section_checks_and_engine_settings() -> None:
     _fails("critic.cliprange_value must be >= 0", "critic.cliprange_value=-0.1")
     _fails("critic.teacher_repeat must be >= 0", "critic.teacher_repeat=-1")
+    _fails("critic.ppo_epochs must be >= 1, got 0", "critic.ppo_epochs=0")  # the engine's rule, stated once
+    _fails("critic.ppo_micro_batch_size_per_gpu must be >= 1, got 0", "critic.ppo_micro_batch_size_per_gpu=0")
     cfg = _load("critic.cliprange_value=0.2", "actor_rollout_ref.ppo_micro_batch_size_per_gpu=4")
     settings = cfg.critic.loss_settings()
     assert (settings.cliprange_value, settings.ppo_micro_batch_size_per_gpu, settings.loss_agg_mode) == (0.2, 4, "token-mean")
