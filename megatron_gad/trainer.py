@@ -254,12 +254,11 @@ class Trainer:
             self.metrics.log(self.step, last)
             self._stop_if_nonfinite()
             last_step = self.step == self.parts.total_steps
-            saved = (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or (cfg.save_freq != 0 and last_step)
-            if saved:
-                self.save()
+            due = (cfg.save_freq > 0 and self.step % cfg.save_freq == 0) or (cfg.save_freq != 0 and last_step)
+            saved = self.save() if due else None
             self.stopped_by = stop.agreed()  # collective: any rank's signal stops every rank here
             if self.stopped_by is not None:
-                path = os.path.join(cfg.default_local_dir, f"global_step_{self.step}") if saved else self.save()
+                path = saved or self.save()
                 self._log0(f"stopping after step {self.step} ({self.stopped_by}): saved {path}; "
                            f"run the same command to resume")
                 break

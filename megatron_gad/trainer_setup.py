@@ -3,10 +3,9 @@ rollout engine, the weight exporter.
 
 Called on every rank by :class:`megatron_gad.trainer.Trainer`, with a config that
 :func:`megatron_gad.config.load_config` has checked. The checks that need the data (its mode) and
-the model directories run here, before the process groups are initialised and before any model
-is built (ConfigError naming the key, or DataError naming the file and row). "Training engine" means a role's
-Megatron model + optimizer (:mod:`megatron_gad.engine`); "rollout engine" the generator
-(:mod:`megatron_gad.rollout`).
+the model directories run here, before any model is built (ConfigError naming the key, or
+DataError naming the file and row). "Training engine" means a role's Megatron model + optimizer
+(:mod:`megatron_gad.engine`); "rollout engine" the generator (:mod:`megatron_gad.rollout`).
 """
 
 from __future__ import annotations
@@ -329,8 +328,9 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 def build_components(cfg: TrainConfig) -> Components:
     """Read the tokenizer, the data and the model configs (every check that needs them runs
-    here, before any process group exists), then initialise the process groups and build the
-    training engines, the rollout engine and the exporter (collective)."""
+    here, before any model is built), then initialise the process groups (idempotent: the trainer
+    has already started them to claim the run directory) and build the training engines, the
+    rollout engine and the exporter (collective)."""
     from megatron_gad.data.dataset import build_loaders
     from megatron_gad.rollout.base import TokenSpec, make_rollout_engine
     from megatron_gad.rollout.weight_export import WeightExporter

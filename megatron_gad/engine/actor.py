@@ -14,17 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron_gad.engine.batch import (PolicyBatch, SequenceBatch, SftBatch, pad_responses, permutation, shuffled,
-                                       split_rows, take_rows)
+from megatron_gad.engine.batch import PolicyBatch, SequenceBatch, SftBatch, permutation, shuffled, split_rows, take_rows
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.engine import RoleEngine
 from megatron_gad.engine.forward_step import collect_log_probs, policy_loss_func, sft_loss_func
-from megatron_gad.engine.reduce import MetricAccumulator, broadcast_from_last_stage, global_count, mean_metrics
+from megatron_gad.engine.reduce import MetricAccumulator, global_count, mean_metrics
 from megatron_gad.losses import agg_normalizer
 from megatron_gad.models.actor import build_actor
 from megatron_gad.models.build import OptimConfig
 from megatron_gad.models.transformer import ModelArgs
-from megatron_gad.runtime.distributed import device
 
 #: Shuffle seed of epoch e of the update at step s: s * _SHUFFLE_SEEDS_PER_STEP + e (distinct for
 #: every (step, epoch) while ppo_epochs < _SHUFFLE_SEEDS_PER_STEP).
@@ -97,18 +95,14 @@ class ActorEngine(RoleEngine):
             raise ValueError("update_on_policy takes the old log-probs from its own forward; pass old_log_probs=None")
         if self.settings.ppo_epochs != 1:
             raise ValueError(f"an on-policy update runs one epoch, not ppo_epochs={self.settings.ppo_epochs}")
-        perm = permutation(batch.rows, shuffle_seed * 1000) if self.settings.shuffle else None
+        # the one epoch's shuffle, as update() draws it
+        perm = permutation(batch.rows, shuffle_seed * _SHUFFLE_SEEDS_PER_STEP) if self.settings.shuffle else None
         rows = take_rows(batch, perm) if perm is not None else batch
         out: list[Tensor] = []
         metrics = self._policy_step(rows, temperature, out)
-        width = batch.seq.response_mask.shape[1]
-        if self.is_last_stage():
-            both = pad_responses(torch.cat(out).float(), width)
-            if perm is not None:
-                both = torch.empty_like(both).index_copy_(0, perm.to(both.device), both)
-        else:
-            both = torch.zeros((batch.rows, width, 2), dtype=torch.float32, device=device())
-        both = broadcast_from_last_stage(both).cpu()
+        both = self.share_outputs(out, (batch.rows, batch.seq.response_mask.shape[1], 2))
+        if perm is not None:  # back to the batch's row order
+            both = torch.empty_like(both).index_copy_(0, perm, both)
         return metrics, both[..., 0], both[..., 1]
 
     def _policy_step(self, mini: PolicyBatch, temperature: float, out: list[Tensor] | None = None) -> dict[str, float]:

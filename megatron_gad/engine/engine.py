@@ -113,6 +113,12 @@ class RoleEngine:
         micro = split_rows(batch, micro_batch_size, what)
         out: list[Tensor] = []
         self.run_schedule(micro, functools.partial(collect, out), forward_only=True)
+        return self.share_outputs(out, out_shape)
+
+    def share_outputs(self, out: list[Tensor], out_shape: tuple[int, ...]) -> Tensor:
+        """The last stage's per-micro-batch results ``out``, concatenated (float32
+        ``out_shape``; per-response-token results padded back to the untrimmed width), on EVERY
+        stage, on the CPU."""
         if self.is_last_stage():
             result = torch.cat(out).float()
             if result.dim() > 1:  # per response token: back to the untrimmed width
