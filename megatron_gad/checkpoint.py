@@ -324,7 +324,8 @@ def _marker_step(root: str, steps: list[int], notes: list[str]) -> int | None:
     if not os.path.exists(marker):
         notes.append(f"{marker} is missing{scan}")
         return None
-    raw = open(marker, "rb").read()
+    with open(marker, "rb") as f:
+        raw = f.read()
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
