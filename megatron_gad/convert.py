@@ -148,9 +148,10 @@ def build_stage(config: Any, role: str, dtype: torch.dtype) -> torch.nn.Module:
     # are no-ops. perform_initialization=False would be faster still, but megatron-core then never
     # sets the TP attributes (tensor_model_parallel, partition_dim) that sharding relies on.
     no_init = {k: _no_init for k in ("init_method", "output_layer_init_method", "embedding_init_method")}
-    cfg = transformer_config_from_hf(config, tp=tp, pp=pp, params_dtype=dtype, **no_init)
+    args = model_args_from_hf(config)
+    cfg = args.transformer_config(tp, pp, dtype, **no_init)
     builder = build_actor if role == "actor" else build_critic
-    model = builder(cfg, model_args_from_hf(config), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    model = builder(cfg, args, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 

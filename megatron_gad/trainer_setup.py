@@ -280,26 +280,27 @@ def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | Non
     """Build the actor (and reference) and, when ``critic_hf`` is given, the critic (collective).
     ``sources``: :func:`model_weight_sources` (computed here when not given)."""
     from megatron_gad.engine import ActorEngine, CriticEngine
-    from megatron_gad.models import model_args_from_hf, transformer_config_from_hf
+    from megatron_gad.models import model_args_from_hf
 
     sources = sources or model_weight_sources(cfg, critic_hf is not None)
     tp, pp = info.tp, info.pp
     actor_rollout = cfg.actor_rollout_ref
-    actor_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(actor_rollout.model.dtype),
-                                          **recompute_settings(actor_rollout.model))
-    actor = ActorEngine.create(actor_tf, model_args_from_hf(actor_hf), actor_rollout.actor, actor_rollout.actor.optim)
+    actor_args = model_args_from_hf(actor_hf)
+    actor_tf = actor_args.transformer_config(tp, pp, _params_dtype(actor_rollout.model.dtype),
+                                             **recompute_settings(actor_rollout.model))
+    actor = ActorEngine.create(actor_tf, actor_args, actor_rollout.actor, actor_rollout.actor.optim)
     loaded = _load_initial_weights(actor, actor_rollout.model.path, actor_hf, "actor", sources["actor"], info)
     ref = None
     if actor_rollout.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
-        ref_tf = transformer_config_from_hf(actor_hf, tp, pp, params_dtype=_params_dtype(actor_rollout.model.dtype))
-        ref = ActorEngine.create(ref_tf, model_args_from_hf(actor_hf), actor_rollout.actor)
+        ref_tf = actor_args.transformer_config(tp, pp, _params_dtype(actor_rollout.model.dtype))
+        ref = ActorEngine.create(ref_tf, actor_args, actor_rollout.actor)
         _copy_params(ref, actor)  # the reference is the initial policy
     critic = None
     if critic_hf is not None:
         c = cfg.critic
-        critic_tf = transformer_config_from_hf(critic_hf, tp, pp, params_dtype=_params_dtype(c.model.dtype),
-                                               **recompute_settings(c.model))
-        critic = CriticEngine.create(critic_tf, model_args_from_hf(critic_hf), c.loss_settings(), c.optim)
+        critic_args = model_args_from_hf(critic_hf)
+        critic_tf = critic_args.transformer_config(tp, pp, _params_dtype(c.model.dtype), **recompute_settings(c.model))
+        critic = CriticEngine.create(critic_tf, critic_args, c.loss_settings(), c.optim)
         _load_initial_weights(critic, c.model.path, critic_hf, "critic", sources["critic"], info)
     if info.rank == 0:
         print(f"[megatron_gad] actor weights: {loaded}", flush=True)

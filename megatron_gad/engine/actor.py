@@ -56,7 +56,7 @@ class ActorEngine(RoleEngine):
         of ``micro_batch_size`` rows (default ``ppo_micro_batch_size_per_gpu``).
         """
         size = micro_batch_size or self.settings.ppo_micro_batch_size_per_gpu
-        collect = functools.partial(collect_log_probs, temperature=temperature, vocab_size=self.args.vocab_size)
+        collect = functools.partial(collect_log_probs, temperature=temperature, vocab_size=self.args.vocab)
         shape = (batch.rows, batch.response_mask.shape[1], 2)
         both = self.infer(batch, collect, size, "log_prob_micro_batch_size_per_gpu", shape)
         return both[..., 0], both[..., 1]
@@ -111,7 +111,7 @@ class ActorEngine(RoleEngine):
         normalizer = global_count(agg_normalizer(mini.seq.response_mask, s.loss_agg_mode))
         names = _POLICY_METRICS + (("actor/kl_loss",) if s.use_kl_loss else ())
         acc = MetricAccumulator(names)
-        loss_func = functools.partial(policy_loss_func, s, temperature, self.args.vocab_size, normalizer,
+        loss_func = functools.partial(policy_loss_func, s, temperature, self.args.vocab, normalizer,
                                       self.loss_scale(len(micro)), acc, out=out)
         return self.train_step(micro, loss_func, acc, "actor")
 
@@ -123,5 +123,5 @@ class ActorEngine(RoleEngine):
         micro = split_rows(batch, size, "actor.ppo_micro_batch_size_per_gpu")
         normalizer = global_count(batch.loss_mask[:, 1:].float().sum())
         acc = MetricAccumulator(["actor/sft_loss"])
-        loss_func = functools.partial(sft_loss_func, self.args.vocab_size, normalizer, self.loss_scale(len(micro)), acc)
+        loss_func = functools.partial(sft_loss_func, self.args.vocab, normalizer, self.loss_scale(len(micro)), acc)
         return self.train_step(micro, loss_func, acc, "actor")

@@ -19,12 +19,12 @@ def gpt_stage(config: Any, args: ModelArgs, pre_process: bool, post_process: boo
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        vocab_size=args.padded_vocab,
+        max_sequence_length=args.max_positions,
         pre_process=pre_process,
         post_process=post_process and output_layer,
         parallel_output=True,
-        share_embeddings_and_output_weights=args.tie_word_embeddings and output_layer,
+        share_embeddings_and_output_weights=args.tied and output_layer,
         position_embedding_type="rope",
         rotary_base=int(args.rotary_base),
         rope_scaling=args.rope_scaling_factor is not None,
@@ -36,7 +36,7 @@ def build_actor(config: Any, args: ModelArgs, pre_process: bool, post_process: b
     """Build this stage's ``GPTModel``: embeddings on the first stage (``pre_process``), the final
     norm and the vocab-parallel output layer on the last (``post_process``). Called on every rank.
 
-    With ``args.tie_word_embeddings`` the output layer shares the word embedding; at PP > 1
+    With ``args.tied`` the output layer shares the word embedding; at PP > 1
     megatron-core keeps a copy on the last stage and all-reduces its gradient with the first.
     Forward returns logits ``[B, S, padded_vocab / TP]`` on the last stage, hidden states on others.
     """

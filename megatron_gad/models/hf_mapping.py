@@ -32,20 +32,19 @@ by :func:`megatron_gad.models.transformer.layer_spec` uses.
 
 Fused QKV layout, per query group g (GQA): ``[q_g (heads/groups * head_dim rows), k_g, v_g]``
 for g = 0 .. groups-1. Fused fc1: ``[gate; up]`` along the output dimension. The vocabulary is
-padded with zero rows to ``padded_vocab_size``; export drops those rows.
+padded with zero rows to ``ModelArgs.padded_vocab``; export drops those rows.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from megatron_gad.errors import UserError
-from megatron_gad.models.transformer import model_args_from_hf, use_transformer_engine
+from megatron_gad.models.transformer import ModelArgs, model_args_from_hf, use_transformer_engine
 
 ROLES = ("actor", "critic")
 _LAYER = re.compile(r"^(?P<pre>(?:trunk\.)?decoder\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
@@ -60,51 +59,6 @@ class MappingError(UserError, ValueError):
     """A tensor name, shape or key set that does not fit the model's mapping."""
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Shapes of one model, read from its HF config (see :func:`layout_from_hf`)."""
-
-    architecture: str
-    hidden: int
-    ffn: int
-    layers: int
-    heads: int
-    groups: int
-    head_dim: int
-    vocab: int
-    padded_vocab: int
-    tied: bool
-    qkv_bias: bool
-    qk_norm: bool
-
-    @property
-    def q_per_group(self) -> int:
-        """Query heads per key/value group."""
-        return self.heads // self.groups
-
-
-def layout_from_hf(hf_config: Any) -> Layout:
-    """Validate ``hf_config`` (raises UnsupportedModelError) and read its tensor shapes."""
-    args = model_args_from_hf(hf_config)
-    heads = int(hf_config.num_attention_heads)
-    hidden = int(hf_config.hidden_size)
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    return Layout(
-        architecture=args.architecture,
-        hidden=hidden,
-        ffn=int(hf_config.intermediate_size),
-        layers=int(hf_config.num_hidden_layers),
-        heads=heads,
-        groups=int(getattr(hf_config, "num_key_value_heads", None) or heads),
-        head_dim=int(head_dim),
-        vocab=args.vocab_size,
-        padded_vocab=args.padded_vocab_size,
-        tied=args.tie_word_embeddings,
-        qkv_bias=args.architecture == "qwen2",
-        qk_norm=args.architecture == "qwen3",
-    )
-
-
 def _check_role(role: str) -> None:
     if role not in ROLES:
         raise MappingError(f"role {role!r} is not one of {ROLES}")
@@ -115,9 +69,9 @@ def _check_role(role: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _hf_layer_shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
+def _hf_layer_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Within-layer HF suffix -> shape of ``model.layers.i.<suffix>``."""
-    h, q, kv = lay.hidden, lay.heads * lay.head_dim, lay.groups * lay.head_dim
+    h, q, kv = args.hidden, args.heads * args.head_dim, args.groups * args.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h),
@@ -125,36 +79,36 @@ def _hf_layer_shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (kv, h),
         "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (lay.ffn, h),
-        "mlp.up_proj.weight": (lay.ffn, h),
-        "mlp.down_proj.weight": (h, lay.ffn),
+        "mlp.gate_proj.weight": (args.ffn, h),
+        "mlp.up_proj.weight": (args.ffn, h),
+        "mlp.down_proj.weight": (h, args.ffn),
     }
-    if lay.qkv_bias:
+    if args.qkv_bias:
         shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-    if lay.qk_norm:
-        shapes.update({"self_attn.q_norm.weight": (lay.head_dim,), "self_attn.k_norm.weight": (lay.head_dim,)})
+    if args.qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (args.head_dim,), "self_attn.k_norm.weight": (args.head_dim,)})
     return shapes
 
 
-def _hf_top_shapes(lay: Layout, role: str) -> dict[str, tuple[int, ...]]:
-    out = {"model.embed_tokens.weight": (lay.vocab, lay.hidden), "model.norm.weight": (lay.hidden,)}
+def _hf_top_shapes(args: ModelArgs, role: str) -> dict[str, tuple[int, ...]]:
+    out = {"model.embed_tokens.weight": (args.vocab, args.hidden), "model.norm.weight": (args.hidden,)}
     if role == "critic":
-        out["score.weight"] = (1, lay.hidden)
-    elif not lay.tied:
-        out["lm_head.weight"] = (lay.vocab, lay.hidden)
+        out["score.weight"] = (1, args.hidden)
+    elif not args.tied:
+        out["lm_head.weight"] = (args.vocab, args.hidden)
     return out
 
 
-def hf_shape(name: str, lay: Layout, role: str = "actor") -> tuple[int, ...]:
+def hf_shape(name: str, args: ModelArgs, role: str = "actor") -> tuple[int, ...]:
     """Expected shape of one HF tensor of this model; raises MappingError for an unknown name."""
     m = _HF_LAYER.match(name)
     shape = None
-    if m and int(m.group("i")) < lay.layers:
-        shape = _hf_layer_shapes(lay).get(m.group("rest"))
+    if m and int(m.group("i")) < args.layers:
+        shape = _hf_layer_shapes(args).get(m.group("rest"))
     else:
-        shape = _hf_top_shapes(lay, role).get(name)
+        shape = _hf_top_shapes(args, role).get(name)
     if shape is None:
-        raise MappingError(f"unknown HF tensor {name!r} for a {lay.architecture} {role}")
+        raise MappingError(f"unknown HF tensor {name!r} for a {args.architecture} {role}")
     return shape
 
 
@@ -162,12 +116,12 @@ def hf_expected_shapes(hf_config: Any, role: str = "actor") -> dict[str, tuple[i
     """HF tensor name -> shape of a complete checkpoint of this role (what ``save_pretrained``
     writes: no ``lm_head.weight`` when embeddings are tied; the critic has ``score.weight``)."""
     _check_role(role)
-    lay = layout_from_hf(hf_config)
+    args = model_args_from_hf(hf_config)
     out: dict[str, tuple[int, ...]] = {}
-    for i in range(lay.layers):
-        for suffix, shape in _hf_layer_shapes(lay).items():
+    for i in range(args.layers):
+        for suffix, shape in _hf_layer_shapes(args).items():
             out[f"model.layers.{i}.{suffix}"] = shape
-    out.update(_hf_top_shapes(lay, role))
+    out.update(_hf_top_shapes(args, role))
     return out
 
 
@@ -178,15 +132,15 @@ def megatron_names(hf_config: Any, role: str = "actor", te: bool | None = None) 
     :func:`megatron_gad.models.transformer.use_transformer_engine`.
     """
     _check_role(role)
-    lay = layout_from_hf(hf_config)
+    args = model_args_from_hf(hf_config)
     te = use_transformer_engine() if te is None else te
     pre = "trunk." if role == "critic" else ""
     names = [pre + "embedding.word_embeddings.weight"]
-    for i in range(lay.layers):
+    for i in range(args.layers):
         p = f"{pre}decoder.layers.{i}."
         attn = ["self_attention.linear_proj.weight", "self_attention.linear_qkv.weight"]
-        attn += ["self_attention.linear_qkv.bias"] if lay.qkv_bias else []
-        attn += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"] if lay.qk_norm else []
+        attn += ["self_attention.linear_qkv.bias"] if args.qkv_bias else []
+        attn += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"] if args.qk_norm else []
         mlp = ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
         if te:
             attn.append("self_attention.linear_qkv.layer_norm_weight")
@@ -197,39 +151,39 @@ def megatron_names(hf_config: Any, role: str = "actor", te: bool | None = None) 
     if role == "critic":
         return names + ["head.norm.weight", "head.score.weight"]
     names.append("decoder.final_layernorm.weight")
-    return names if lay.tied else names + ["output_layer.weight"]
+    return names if args.tied else names + ["output_layer.weight"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Layout transforms (fuse / split)
+# ModelArgs transforms (fuse / split)
 # ----------------------------------------------------------------------------------------------
 
 
-def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, lay: Layout) -> Tensor:
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, args: ModelArgs) -> Tensor:
     """HF q/k/v projections (weights ``[n*d, h]`` or biases ``[n*d]``) -> Megatron fused QKV in
     per-query-group order ``[q_g, k_g, v_g]``; shape ``[(heads + 2*groups) * d, ...]``."""
     tail = q.shape[1:]
-    qg = q.reshape(lay.groups, lay.q_per_group * lay.head_dim, *tail)
-    kg = k.reshape(lay.groups, lay.head_dim, *tail)
-    vg = v.reshape(lay.groups, lay.head_dim, *tail)
+    qg = q.reshape(args.groups, args.q_per_group * args.head_dim, *tail)
+    kg = k.reshape(args.groups, args.head_dim, *tail)
+    vg = v.reshape(args.groups, args.head_dim, *tail)
     return torch.cat([qg, kg, vg], dim=1).reshape(-1, *tail)
 
 
-def split_qkv(qkv: Tensor, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
+def split_qkv(qkv: Tensor, args: ModelArgs) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of :func:`fuse_qkv`: fused ``[(heads + 2*groups) * d, ...]`` -> (q, k, v)."""
     tail = qkv.shape[1:]
-    per = (lay.q_per_group + 2) * lay.head_dim
-    g = qkv.reshape(lay.groups, per, *tail)
-    qd = lay.q_per_group * lay.head_dim
+    per = (args.q_per_group + 2) * args.head_dim
+    g = qkv.reshape(args.groups, per, *tail)
+    qd = args.q_per_group * args.head_dim
     q = g[:, :qd].reshape(-1, *tail)
-    k = g[:, qd : qd + lay.head_dim].reshape(-1, *tail)
-    v = g[:, qd + lay.head_dim :].reshape(-1, *tail)
+    k = g[:, qd : qd + args.head_dim].reshape(-1, *tail)
+    v = g[:, qd + args.head_dim :].reshape(-1, *tail)
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def pad_vocab(weight: Tensor, lay: Layout) -> Tensor:
+def pad_vocab(weight: Tensor, args: ModelArgs) -> Tensor:
     """``[vocab, h]`` -> ``[padded_vocab, h]`` with zero rows appended."""
-    extra = lay.padded_vocab - weight.shape[0]
+    extra = args.padded_vocab - weight.shape[0]
     if extra == 0:
         return weight
     return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])], dim=0)
@@ -262,10 +216,10 @@ def hf_sources(name: str, hf_config: Any, role: str = "actor") -> tuple[list[str
     (``copy``, ``qkv``, ``cat`` (fc1), ``vocab`` (pad rows) or ``none`` (tied output layer)).
     Raises MappingError for a name that is not part of this model."""
     _check_role(role)
-    lay = layout_from_hf(hf_config)
+    args = model_args_from_hf(hf_config)
     pre = "trunk." if role == "critic" else ""
     m = _LAYER.match(name)
-    if m and m.group("pre") == pre + "decoder.layers." and int(m.group("i")) < lay.layers:
+    if m and m.group("pre") == pre + "decoder.layers." and int(m.group("i")) < args.layers:
         rule = _layer_rule(m.group("rest"))
         if rule is not None:
             return [f"model.layers.{m.group('i')}.{s}" for s in rule[0]], rule[1]
@@ -275,9 +229,9 @@ def hf_sources(name: str, hf_config: Any, role: str = "actor") -> tuple[list[str
         top["head.score.weight"] = (["score.weight"], "copy")
     else:
         top["decoder.final_layernorm.weight"] = (["model.norm.weight"], "copy")
-        top["output_layer.weight"] = ([], "none") if lay.tied else (["lm_head.weight"], "vocab")
+        top["output_layer.weight"] = ([], "none") if args.tied else (["lm_head.weight"], "vocab")
     if name not in top:
-        raise MappingError(f"unknown Megatron tensor {name!r} for a {lay.architecture} {role}")
+        raise MappingError(f"unknown Megatron tensor {name!r} for a {args.architecture} {role}")
     return top[name]
 
 
@@ -292,19 +246,19 @@ def megatron_tensor_from_hf(
     sources, how = hf_sources(name, hf_config, role)
     if how == "none":
         return None
-    lay = layout_from_hf(hf_config)
+    args = model_args_from_hf(hf_config)
     parts = []
     for src in sources:
         t = get(src)
-        if tuple(t.shape) != hf_shape(src, lay, role):
-            raise MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hf_shape(src, lay, role)}")
+        if tuple(t.shape) != hf_shape(src, args, role):
+            raise MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hf_shape(src, args, role)}")
         parts.append(t)
     if how == "qkv":
-        return fuse_qkv(*parts, lay)
+        return fuse_qkv(*parts, args)
     if how == "cat":
         return torch.cat(parts, dim=0)
     if how == "vocab":
-        return pad_vocab(parts[0], lay)
+        return pad_vocab(parts[0], args)
     return parts[0]
 
 
@@ -313,7 +267,7 @@ def hf_to_megatron_state(
 ) -> dict[str, Tensor]:
     """Full HF state dict -> full (TP=1, PP=1) Megatron state dict with global names.
 
-    Vocab rows are padded with zeros to ``model_args_from_hf(hf_config).padded_vocab_size``; q/k/v
+    Vocab rows are padded with zeros to ``model_args_from_hf(hf_config).padded_vocab``; q/k/v
     are fused per query group and gate/up into fc1; with tied embeddings there is no
     ``output_layer.weight`` (an ``lm_head.weight`` in ``hf_state`` is then ignored). For
     ``role="critic"`` names carry the ``trunk.`` prefix and the head is ``head.norm.weight``
@@ -334,7 +288,7 @@ def check_hf_keys(keys: Any, hf_config: Any, role: str = "actor") -> None:
     tolerated; rotary ``inv_freq`` buffers are ignored)."""
     expected = set(hf_expected_shapes(hf_config, role))
     given = {k for k in keys if not k.endswith("rotary_emb.inv_freq")}
-    if layout_from_hf(hf_config).tied or role == "critic":
+    if model_args_from_hf(hf_config).tied or role == "critic":
         given.discard("lm_head.weight")
     missing, extra = sorted(expected - given), sorted(given - expected)
     if missing or extra:
@@ -364,19 +318,19 @@ def megatron_to_hf_tensors(
     sources, how = hf_sources(name, hf_config, role)
     if how == "none":
         return []
-    lay = layout_from_hf(hf_config)
+    args = model_args_from_hf(hf_config)
     if how == "qkv":
-        parts = list(split_qkv(_checked(name, full, (lay.heads + 2 * lay.groups) * lay.head_dim), lay))
+        parts = list(split_qkv(_checked(name, full, (args.heads + 2 * args.groups) * args.head_dim), args))
     elif how == "cat":
-        parts = list(_checked(name, full, 2 * lay.ffn).chunk(2, dim=0))
+        parts = list(_checked(name, full, 2 * args.ffn).chunk(2, dim=0))
     elif how == "vocab":
-        parts = [_checked(name, full, lay.padded_vocab)[: lay.vocab]]
+        parts = [_checked(name, full, args.padded_vocab)[: args.vocab]]
     else:
         parts = [full]
     for src, t in zip(sources, parts):
-        if tuple(t.shape) != hf_shape(src, lay, role):
+        if tuple(t.shape) != hf_shape(src, args, role):
             raise MappingError(
-                f"Megatron tensor {name!r} has shape {tuple(full.shape)}: does not fit {src!r} {hf_shape(src, lay, role)}"
+                f"Megatron tensor {name!r} has shape {tuple(full.shape)}: does not fit {src!r} {hf_shape(src, args, role)}"
             )
     return list(zip(sources, parts))
 

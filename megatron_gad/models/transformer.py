@@ -32,15 +32,87 @@ class UnsupportedModelError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """What ``GPTModel`` needs beyond the ``TransformerConfig``, read from the HF config."""
+    """One model, read once from its HF config by :func:`model_args_from_hf`.
+
+    The one description of a model in this package: the Megatron ``TransformerConfig``
+    (:meth:`transformer_config`), ``GPTModel``'s own arguments (:mod:`megatron_gad.models.actor`)
+    and the HF <-> Megatron tensor shapes (:mod:`megatron_gad.models.hf_mapping`) all come from it.
+    """
 
     architecture: str
-    vocab_size: int
-    padded_vocab_size: int
-    max_position_embeddings: int
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    groups: int  # key/value heads (query groups)
+    head_dim: int
+    vocab: int
+    padded_vocab: int  # vocab rounded up to a multiple of VOCAB_PAD_MULTIPLE
+    tied: bool  # word embeddings shared with the output layer
+    qkv_bias: bool  # qwen2
+    qk_norm: bool  # qwen3: per-head RMSNorm of queries and keys
+    max_positions: int
     rotary_base: float
-    tie_word_embeddings: bool
     rope_scaling_factor: float | None  # llama3-style scaling when set
+    norm_eps: float
+    init_std: float
+
+    @property
+    def q_per_group(self) -> int:
+        """Query heads per key/value group."""
+        return self.heads // self.groups
+
+    def transformer_config(
+        self, tp: int = 1, pp: int = 1, params_dtype: torch.dtype | None = None, **overrides: Any
+    ):
+        """The megatron ``TransformerConfig`` of this model at the given TP/PP.
+
+        ``params_dtype`` defaults to bf16 on CUDA and fp32 on CPU. ``overrides`` are passed
+        through to ``TransformerConfig`` (for example ``recompute_granularity``). Raises
+        ValueError when the layout cannot divide the model (see :func:`check_divisibility`).
+        """
+        from megatron.core.transformer import TransformerConfig
+
+        check_divisibility(tp=tp, pp=pp, heads=self.heads, groups=self.groups, layers=self.layers)
+        cuda = torch.cuda.is_available()
+        dtype = params_dtype or (torch.bfloat16 if cuda else torch.float32)
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.layers,
+            hidden_size=self.hidden,
+            ffn_hidden_size=self.ffn,
+            num_attention_heads=self.heads,
+            num_query_groups=self.groups,
+            kv_channels=self.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_norm,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_std,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            pipeline_dtype=dtype,
+            attention_softmax_in_fp32=True,
+            apply_query_key_layer_scaling=False,
+            use_cpu_initialization=not cuda,
+            gradient_accumulation_fusion=False,
+            bias_activation_fusion=cuda,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=cuda,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+            batch_p2p_comm=True,
+            batch_p2p_sync=cuda,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
 
 
 def _get(hf_config: Any, name: str, default: Any = None) -> Any:
@@ -67,7 +139,7 @@ def _rope_params(hf_config: Any) -> tuple[float, float | None]:
 
 
 def model_args_from_hf(hf_config: Any) -> ModelArgs:
-    """Validate an HF config and read the model-level arguments. Raises UnsupportedModelError."""
+    """Validate an HF config and read the model from it. Raises UnsupportedModelError."""
     arch = getattr(hf_config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -89,78 +161,35 @@ def model_args_from_hf(hf_config: Any) -> ModelArgs:
         )
     theta, factor = _rope_params(hf_config)
     vocab = int(hf_config.vocab_size)
+    heads = int(hf_config.num_attention_heads)
+    hidden = int(hf_config.hidden_size)
     return ModelArgs(
         architecture=arch,
-        vocab_size=vocab,
-        padded_vocab_size=math.ceil(vocab / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE,
-        max_position_embeddings=int(_get(hf_config, "max_position_embeddings", 4096)),
+        hidden=hidden,
+        ffn=int(hf_config.intermediate_size),
+        layers=int(hf_config.num_hidden_layers),
+        heads=heads,
+        groups=int(_get(hf_config, "num_key_value_heads", heads)),
+        head_dim=int(_get(hf_config, "head_dim", hidden // heads)),
+        vocab=vocab,
+        padded_vocab=math.ceil(vocab / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE,
+        tied=bool(_get(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        max_positions=int(_get(hf_config, "max_position_embeddings", 4096)),
         rotary_base=theta,
-        tie_word_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
         rope_scaling_factor=factor,
+        norm_eps=float(_get(hf_config, "rms_norm_eps", 1e-6)),
+        init_std=float(_get(hf_config, "initializer_range", 0.02)),
     )
 
 
 def transformer_config_from_hf(
-    hf_config: Any,
-    tp: int = 1,
-    pp: int = 1,
-    params_dtype: torch.dtype | None = None,
-    **overrides: Any,
+    hf_config: Any, tp: int = 1, pp: int = 1, params_dtype: torch.dtype | None = None, **overrides: Any
 ):
-    """Build a megatron ``TransformerConfig`` equivalent to ``hf_config`` for the given TP/PP.
-
-    ``params_dtype`` defaults to bf16 on CUDA and fp32 on CPU. ``overrides`` are passed through
-    to ``TransformerConfig`` (for example ``recompute_granularity``). Raises ValueError when the
-    layout cannot divide the model (heads, query groups, layers, the vocab pad multiple).
-    """
-    from megatron.core.transformer import TransformerConfig
-
-    args = model_args_from_hf(hf_config)
-    heads = int(hf_config.num_attention_heads)
-    groups = int(_get(hf_config, "num_key_value_heads", heads))
-    layers = int(hf_config.num_hidden_layers)
-    hidden = int(hf_config.hidden_size)
-    head_dim = int(_get(hf_config, "head_dim", hidden // heads))
-    check_divisibility(tp=tp, pp=pp, heads=heads, groups=groups, layers=layers)
-    cuda = torch.cuda.is_available()
-    dtype = params_dtype or (torch.bfloat16 if cuda else torch.float32)
-    kwargs: dict[str, Any] = dict(
-        num_layers=layers,
-        hidden_size=hidden,
-        ffn_hidden_size=int(hf_config.intermediate_size),
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=float(_get(hf_config, "rms_norm_eps", 1e-6)),
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=args.architecture == "qwen2",
-        qk_layernorm=args.architecture == "qwen3",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=float(_get(hf_config, "initializer_range", 0.02)),
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        pipeline_dtype=dtype,
-        attention_softmax_in_fp32=True,
-        apply_query_key_layer_scaling=False,
-        use_cpu_initialization=not cuda,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=cuda,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=cuda,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        batch_p2p_comm=True,
-        batch_p2p_sync=cuda,
-    )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    """``model_args_from_hf(hf_config).transformer_config(...)``: the megatron ``TransformerConfig``
+    equivalent to ``hf_config`` at the given TP/PP (see :meth:`ModelArgs.transformer_config`)."""
+    return model_args_from_hf(hf_config).transformer_config(tp, pp, params_dtype, **overrides)
 
 
 def check_divisibility(*, tp: int, pp: int, heads: int, groups: int, layers: int) -> None:

@@ -1,7 +1,7 @@
 """Token log-probs and entropy from vocab-parallel logits, under tensor parallelism.
 
 The actor's last pipeline stage produces logits ``[B, S, V_pad / TP]``: each TP rank holds a
-contiguous slice of the padded vocabulary (``V_pad`` = ``ModelArgs.padded_vocab_size``). The
+contiguous slice of the padded vocabulary (``V_pad`` = ``ModelArgs.padded_vocab``). The
 functions here turn them into per-token quantities over the REAL vocabulary:
 
 * the temperature divides the logits before the softmax (``z = logits / T``), as the rollout

@@ -37,7 +37,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from megatron_gad.models.hf_mapping import hf_shape, hf_sources, layout_from_hf
+from megatron_gad.models.hf_mapping import hf_shape, hf_sources
+from megatron_gad.models.transformer import model_args_from_hf
 from megatron_gad.rollout.weight_export import ParamMeta
 
 VLLM_VOCAB_PADDING = 64
@@ -130,12 +131,12 @@ def plan_resharding(metas: Iterable[ParamMeta], hf_config: Any, src_tp: int, pp:
         raise ReshardError("reshard: only the actor feeds a rollout engine")
     if src_tp < 1 or pp < 1 or dst_tp < 1:
         raise ReshardError(f"reshard: sizes must be >= 1, got src_tp={src_tp} pp={pp} dst_tp={dst_tp}")
-    lay = layout_from_hf(hf_config)
-    if dst_tp > lay.groups and dst_tp % lay.groups:
-        raise ReshardError(f"reshard: rollout TP {dst_tp} must divide or be a multiple of the {lay.groups} KV heads")
-    _split(lay.heads, dst_tp, "attention heads at the rollout TP")
-    _split(lay.ffn, dst_tp, "the MLP width at the rollout TP")
-    vocab_padded = -(-lay.vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
+    args = model_args_from_hf(hf_config)
+    if dst_tp > args.groups and dst_tp % args.groups:
+        raise ReshardError(f"reshard: rollout TP {dst_tp} must divide or be a multiple of the {args.groups} KV heads")
+    _split(args.heads, dst_tp, "attention heads at the rollout TP")
+    _split(args.ffn, dst_tp, "the MLP width at the rollout TP")
+    vocab_padded = -(-args.vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
     vocab_rows = _split(vocab_padded, dst_tp, f"the vocabulary padded to {VLLM_VOCAB_PADDING}")
     plan = ReshardPlan(src_tp=src_tp, pp=pp, dst_tp=dst_tp)
     for meta in metas:
@@ -147,7 +148,7 @@ def plan_resharding(metas: Iterable[ParamMeta], hf_config: Any, src_tp: int, pp:
         if how == "copy" and rest not in _ROW_PARALLEL:  # replicated on both sides
             plan.src_shapes[meta.name] = tuple(full)
             for r in range(dst_tp):
-                plan.shapes[(sources[0], r)] = hf_shape(sources[0], lay, role)
+                plan.shapes[(sources[0], r)] = hf_shape(sources[0], args, role)
                 # any TP rank holds it: take the one that shares rollout rank r's GPU when colocated
                 plan.pieces.append(Piece(sources[0], r, 0, meta.name, meta.stage, r % src_tp, 0, full[0], 0))
             continue
@@ -166,7 +167,7 @@ def plan_resharding(metas: Iterable[ParamMeta], hf_config: Any, src_tp: int, pp:
             src_tp_of, src_pos = i // local, i % local
         # HF: full index -> (which source tensor, index in it); -1: vocabulary padding
         if how == "qkv":
-            d, qd = lay.head_dim, lay.q_per_group * lay.head_dim
+            d, qd = args.head_dim, args.q_per_group * args.head_dim
             per = qd + 2 * d
             g, o = i // per, i % per
             hf_id = torch.where(o < qd, 0, torch.where(o < qd + d, 1, 2))
@@ -174,17 +175,17 @@ def plan_resharding(metas: Iterable[ParamMeta], hf_config: Any, src_tp: int, pp:
         elif how == "cat":
             hf_id, hf_pos = (i >= n // 2).long(), i % (n // 2)
         elif how == "vocab":
-            hf_id, hf_pos = torch.where(i < lay.vocab, 0, -1), i
+            hf_id, hf_pos = torch.where(i < args.vocab, 0, -1), i
         else:
             hf_id, hf_pos = torch.zeros_like(i), i
         for k, name in enumerate(sources):
-            shape = list(hf_shape(name, lay, role))
+            shape = list(hf_shape(name, args, role))
             kv = name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"))
-            replicas = dst_tp // lay.groups if kv and dst_tp > lay.groups else 1
+            replicas = dst_tp // args.groups if kv and dst_tp > args.groups else 1
             if how == "vocab":
                 rows = vocab_rows
             elif replicas > 1:
-                rows = lay.head_dim
+                rows = args.head_dim
             else:
                 rows = _split(shape[dim], dst_tp, f"{name} dim {dim} at the rollout TP")
             dst_shape = shape[:dim] + [rows] + shape[dim + 1:]
@@ -226,18 +227,18 @@ def full_from_shards(per_rank: list[Mapping[str, Tensor]], hf_config: Any) -> di
     """Invert the rollout sharding: the full HF tensors from every rollout rank's shards, in rank
     order (rank 0's copy of a tensor every rank holds whole; one copy of each replicated KV head;
     vocabulary padding dropped). Does not check that replicas agree."""
-    lay = layout_from_hf(hf_config)
+    args = model_args_from_hf(hf_config)
     tp = len(per_rank)
     out: dict[str, Tensor] = {}
     for name in per_rank[0]:
         parts = [shards[name] for shards in per_rank]
-        if tuple(parts[0].shape) == hf_shape(name, lay):
+        if tuple(parts[0].shape) == hf_shape(name, args):
             out[name] = parts[0]
             continue
         dim = 1 if re.sub(r"^model\.layers\.\d+\.", "", name) in _HF_ROW_PARALLEL else 0
         kv = name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"))
-        if kv and tp > lay.groups:
-            parts = parts[:: tp // lay.groups]
+        if kv and tp > args.groups:
+            parts = parts[:: tp // args.groups]
         full = torch.cat(parts, dim=dim)
-        out[name] = full[: lay.vocab] if name in ("model.embed_tokens.weight", "lm_head.weight") else full
+        out[name] = full[: args.vocab] if name in ("model.embed_tokens.weight", "lm_head.weight") else full
     return out

@@ -17,7 +17,7 @@ def test_fields_follow_the_hf_config() -> None:
     cfg = transformer_config_from_hf(hf, tp=2)
     args = model_args_from_hf(hf)
     assert (cfg.num_query_groups, cfg.kv_channels, cfg.qk_layernorm, cfg.add_qkv_bias) == (2, 32, True, False)
-    assert (args.padded_vocab_size, args.rotary_base, args.tie_word_embeddings) == (384, 5e5, True)
+    assert (args.padded_vocab, args.rotary_base, args.tied) == (384, 5e5, True)
     assert transformer_config_from_hf(Qwen2Config(num_hidden_layers=2, hidden_size=64,
                                                   num_attention_heads=4, num_key_value_heads=2,
                                                   intermediate_size=96)).add_qkv_bias
