@@ -23,7 +23,6 @@ import enum
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch.distributed as dist
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import TrainConfig, save_resolved
 from megatron_gad.data.batch import Mode, PromptBatch
-from megatron_gad.data.demo import TASK_STYLES, check_response
+from megatron_gad.data.demo import TASK_STYLES
 from megatron_gad.engine import PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch, local_mini_batch_size
 from megatron_gad.experience import Experience, KLController, compute_advantages, join, teacher_forced_scores
 from megatron_gad.losses import discriminator_accuracy, kl_penalty
@@ -42,7 +41,9 @@ from megatron_gad.models.build import set_lr, warmup_lr
 from megatron_gad.rewards import load_reward_fn, score_responses
 from megatron_gad.rollout.base import ModelDivergedError
 from megatron_gad.rollout.weight_export import sync_weights
+from megatron_gad.run_dir import claim_run_dir
 from megatron_gad.trainer_setup import Components, CriticRole, build_components
+from megatron_gad.validation import ValidationSums, log_val_generations, token_agreement, val_generation_rows
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ logger = logging.getLogger(__name__)
 # of different trainer.seed share none while step * _SEED_PER_STEP + DP < _SEED_PER_RUN (~9900 steps).
 _SEED_PER_RUN = 1_000_003
 _SEED_PER_STEP = 101
-
-
-#: The sums :meth:`Trainer.validate` reduces over data parallelism, in this order.
-_VAL_SUMS = ("reward", "exact", "matched_tokens", "teacher_tokens", "rows", "teacher_log_prob")
 
 
 class Phase(enum.Enum):
@@ -93,42 +90,12 @@ def sft_batch(teacher: SequenceBatch) -> SftBatch:
     return SftBatch(teacher.input_ids, teacher.attention_mask, teacher.position_ids, loss_mask)
 
 
-def extra_infos(batch: PromptBatch) -> list[dict | None]:
-    """Each row's ``extra_info`` column (None where the data has none): the ``extra_info``
-    argument of a reward function, as verl passes it."""
-    return list(batch.extra.get("extra_info", [None] * len(batch)))
-
-
-def token_agreement(student: SequenceBatch, batch: PromptBatch) -> tuple[float, float]:
-    """(teacher response tokens the student reproduced at the same position, teacher response
-    tokens): a graded measure of agreement with the teacher on held-out prompts."""
-    teacher, teacher_mask = batch.teacher_response_ids, batch.teacher_response_mask.bool()
-    width = min(teacher.shape[1], student.responses.shape[1])
-    same = (student.responses[:, :width] == teacher[:, :width]) & student.response_mask[:, :width].bool()
-    return float((same & teacher_mask[:, :width]).sum()), float(teacher_mask.sum())
-
-
-CHECKS = ("one_style", "valid", "correct")
-
-
-def checker_counts(batch: PromptBatch, texts: list[str]) -> torch.Tensor:
-    """Counts of :data:`CHECKS` passed, then of rows checked, by the demo tasks' checker
-    (:func:`check_response`) over the responses ``texts`` to ``batch``; rows of other data are
-    not checked."""
-    out = torch.zeros(len(CHECKS) + 1, dtype=torch.float64)
-    for source, text, info in zip(batch.data_source, texts, extra_infos(batch)):
-        verdict = check_response(source, text, info["a"], info["b"]) if info and "a" in info else None
-        if verdict is not None:
-            out += torch.tensor([*map(float, verdict), 1.0], dtype=torch.float64)
-    return out
-
-
 class Trainer:
     """Owns the components of a run and drives :meth:`fit`. Construct on every rank."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.run_lock, self.resume_path = self._claim_run_dir()  # before any model is built
+        self.run_lock, self.resume_path = claim_run_dir(cfg)  # before any model is built
         self.parts: Components = build_components(cfg)
         t = cfg.trainer
         #: Steps [0, generator_warmup_end) are the generator warmup; the policy phase starts at policy_start.
@@ -159,49 +126,6 @@ class Trainer:
         if self.parts.critic is not None:
             roles["critic"] = (self.parts.critic.chunks, self.parts.critic.optimizer)
         return roles
-
-    def _claim_run_dir(self) -> tuple[Any, str | None]:
-        """Before any model is built (collective): rank 0 locks ``default_local_dir`` (one run
-        per directory), clears incomplete saves and picks the checkpoint to resume from (the
-        newest intact one, each damaged one named in a line); every rank gets its decision, or
-        raises the same CheckpointError."""
-        from megatron_gad.errors import UserError
-        from megatron_gad.runtime import init_distributed
-        from megatron_gad.runtime.preemption import RunLock, stop_with_launcher
-
-        stop_with_launcher()
-        layout, t = self.cfg.actor_rollout_ref.megatron, self.cfg.trainer
-        init_distributed(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, seed=t.seed)
-        lock, decision = None, None
-        if dist.get_rank() == 0:
-            try:
-                lock = RunLock(t.default_local_dir)
-                for line in [lock.acquire()] + [f"removed incomplete checkpoint {p}"
-                                                for p in ckpt.clean_incomplete(t.default_local_dir)]:
-                    self._warn0(line)
-                notes: list[str] = []
-                decision = ("resume", ckpt.resolve_resume(t.default_local_dir, t.resume_mode, notes))
-                for line in notes:
-                    self._warn0(line)
-                saved = ckpt.saved_world_size(decision[1]) if decision[1] else None
-                if saved not in (None, dist.get_world_size()):
-                    self._warn0(f"{decision[1]} was saved by {saved} ranks, this run has {dist.get_world_size()}: "
-                                f"the RNG streams restart from trainer.seed (the continuation is not bit-identical)")
-            except UserError as exc:
-                if lock is not None:
-                    lock.release()
-                decision = ("error", exc)
-        box = [decision if decision is None or decision[0] == "resume" else ("error", str(decision[1]))]
-        dist.broadcast_object_list(box, src=0)
-        if box[0][0] == "error":
-            if dist.get_rank() == 0:
-                raise decision[1]
-            raise ckpt.CheckpointError(box[0][1])
-        return lock, box[0][1]
-
-    def _warn0(self, line: str | None) -> None:
-        if line and dist.get_rank() == 0:
-            print(f"[megatron_gad] warning: {line}", file=sys.stderr, flush=True)
 
     def _resume(self) -> None:
         path = self.resume_path
@@ -423,7 +347,7 @@ class Trainer:
             if self.parts.rollout_engine is not None:  # one call per replica, shared: rewards may be costly or random
                 texts = self.parts.decode(exp.student.responses, exp.student.response_mask)
                 scores = score_responses(self.reward_fn, texts, rows.data_source, rows.ground_truth,
-                                         extra_infos(rows))
+                                         rows.extra_infos())
             exp.scores = self.parts.share_from_rollout_rank(scores)
         metrics["critic/score_mean"] = self.parts.dp_mean(float(exp.scores.mean()))
         if role is CriticRole.VALUE:
@@ -505,18 +429,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
-        """Greedy responses to the held-out prompts: mean reward (exact match for the demo) and,
-        on GAD data, the share of responses identical to the teacher's, the share of teacher
-        response tokens reproduced (``val/teacher_token_agreement``) and, with
-        ``trainer.teacher_forced_validation``, the actor's mean log-probability per teacher
-        response token (``val/teacher_log_prob``, temperature 1). On the demo tasks also the
-        checker's share of responses in one complete style, valid and correct
-        (``val/checker_one_style``, ``val/checker_valid``, ``val/checker_correct``: greedy) and the
-        same for one sample per prompt at the rollout temperature (``val/checker_*_sampled``)."""
-        sums = torch.zeros(len(_VAL_SUMS), dtype=torch.float64)
-        slot = {name: i for i, name in enumerate(_VAL_SUMS)}
+        """One pass over the held-out prompts: greedy responses (and, on the demo tasks, one sample
+        per prompt at the rollout temperature), then, with ``trainer.teacher_forced_validation``,
+        the actor's log-probs of the teacher responses. Returns the ``val/*`` metrics defined in
+        :mod:`megatron_gad.validation` (identical on every rank)."""
+        sums = ValidationSums()
         gad = self.parts.mode is Mode.GAD
-        checks = torch.zeros(2 * len(CHECKS) + 2, dtype=torch.float64)  # greedy, then sampled
         teacher_batches: list[PromptBatch] = []
         diverged = None
         shown: list[dict] = []  # trainer.log_val_generations samples
@@ -531,47 +449,31 @@ class Trainer:
                 scores = None
                 if self.reward_fn is not None:
                     scores = score_responses(self.reward_fn, texts, batch.data_source, batch.ground_truth,
-                                             extra_infos(batch))
-                    sums[slot["reward"]] += float(scores.sum())
+                                             batch.extra_infos())
+                    sums.add("reward", float(scores.sum()))
                 shown += val_generation_rows(batch, texts, scores, self.cfg.trainer.log_val_generations - len(shown))
                 if gad:
-                    sums[slot["exact"]] += sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response))
+                    sums.add("exact", sum(t.strip() == r.strip() for t, r in zip(texts, batch.teacher_response)))
                     matched, teacher_tokens = token_agreement(exp.student, batch)
-                    sums[slot["matched_tokens"]] += matched
-                    sums[slot["teacher_tokens"]] += teacher_tokens
+                    sums.add("matched_tokens", matched)
+                    sums.add("teacher_tokens", teacher_tokens)
                     teacher_batches.append(batch)
-                sums[slot["rows"]] += len(texts)
-                checks[:len(CHECKS) + 1] += checker_counts(batch, texts)
+                sums.add("rows", len(texts))
+                sums.add_checks(batch, texts, sampled=False)
                 if any(s in TASK_STYLES for s in batch.data_source):  # a demo task: its sampled answers too
                     _, sampled = self._rollout(batch, 1)
-                    checks[len(CHECKS) + 1:] += checker_counts(batch, self.parts.decode(sampled.student.responses,
-                                                                                    sampled.student.response_mask))
+                    sums.add_checks(batch, self.parts.decode(sampled.student.responses, sampled.student.response_mask),
+                                    sampled=True)
         except ModelDivergedError as exc:
             diverged = exc
         self._release_rollout()
         self._stop_together(diverged, f"validating after step {self.step}")
         if self.parts.info.rank == 0 and self.cfg.trainer.log_val_generations:
             log_val_generations(self.cfg.trainer.default_local_dir, self.step, shown)
-        if self.cfg.trainer.teacher_forced_validation:  # Megatron passes, with the engine asleep
-            sums[slot["teacher_log_prob"]] = sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches)
-        totals = dict(zip(_VAL_SUMS, self.parts.dp_sum(sums)))
-        teacher_tokens = totals["teacher_tokens"].clamp(min=1)
-        out = {}
-        if gad:
-            out["val/teacher_exact_match"] = float(totals["exact"] / totals["rows"])
-            out["val/teacher_token_agreement"] = float(totals["matched_tokens"] / teacher_tokens)
-            if self.cfg.trainer.teacher_forced_validation:
-                out["val/teacher_log_prob"] = float(totals["teacher_log_prob"] / teacher_tokens)
-        if self.reward_fn is not None:
-            out["val/reward"] = float(totals["reward"] / totals["rows"])
-        checks = self.parts.dp_sum(checks)
-        k = len(CHECKS)
-        if checks[k] > 0:
-            for start, suffix in ((0, ""), (k + 1, "_sampled")):
-                for i, name in enumerate(CHECKS):
-                    out[f"val/checker_{name}{suffix}"] = float(checks[start + i] / checks[start + k])
-        return out
-
+        teacher_forced = self.cfg.trainer.teacher_forced_validation
+        if teacher_forced:  # Megatron passes, with the engine asleep
+            sums.add("teacher_log_prob", sum(self._teacher_log_prob_sum(batch) for batch in teacher_batches))
+        return sums.metrics(self.parts.dp_sum, gad, teacher_forced, self.reward_fn is not None)
 
     def _stop_together(self, diverged: ModelDivergedError | None, when: str) -> None:
         """Collective over every rank: when any rank found the policy diverged, all of them raise
@@ -591,34 +493,6 @@ class Trainer:
         micro = math.gcd(teacher.rows, self.cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu)
         log_probs, _ = self.parts.actor.compute_log_probs(teacher, 1.0, micro_batch_size=micro)
         return float((log_probs * teacher.response_mask).sum())
-
-
-def val_generation_rows(batch: PromptBatch, texts: list[str], scores: torch.Tensor | None, limit: int) -> list[dict]:
-    """Up to ``limit`` rows ``{prompt, response, score[, teacher_response]}`` of a validation batch
-    (``trainer.log_val_generations``, verl's key); the prompt is its last message's text."""
-    rows = []
-    for i in range(min(max(limit, 0), len(texts))):
-        messages = batch.raw_prompt[i]
-        prompt = messages[-1].get("content", "") if messages else ""
-        row = {"prompt": prompt, "response": texts[i], "score": None if scores is None else float(scores[i])}
-        if batch.teacher_response is not None:
-            row["teacher_response"] = batch.teacher_response[i]
-        rows.append(row)
-    return rows
-
-
-def log_val_generations(run_dir: str, step: int, rows: list[dict]) -> None:
-    """Rank 0: print the validation samples and append them to ``<run_dir>/val_generations.jsonl``
-    (one JSON object per sample, with ``step``)."""
-    import json
-
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "val_generations.jsonl"), "a", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
-            score = "n/a" if row["score"] is None else f"{row['score']:g}"
-            print(f"[megatron_gad] val sample {i} (step {step}) score={score}\n  prompt: {row['prompt']!r}\n"
-                  f"  response: {row['response']!r}", flush=True)
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:

@@ -46,7 +46,6 @@ def test_extra_info_is_the_rows_extra_info_column(tmp_path) -> None:
     """verl's contract: ``extra_info`` is the row's ``extra_info`` column, not all pass-through
     columns; rows of data without that column get None."""
     from megatron_gad.data import Mode, TokenizedRow, collate_rows
-    from megatron_gad.trainer import extra_infos
 
     def row(i: int, extra: dict) -> TokenizedRow:
         return TokenizedRow(index=i, source=f"f row {i}", raw_prompt=[{"role": "user", "content": "q"}],
@@ -59,8 +58,8 @@ def test_extra_info_is_the_rows_extra_info_column(tmp_path) -> None:
     path.write_text("def by_split(data_source, solution_str, ground_truth, extra_info=None):\n"
                     "    return 1.0 if extra_info['split'] == 'train' else -1.0\n")
     fn = load_reward_fn(str(path), "by_split")
-    infos = extra_infos(with_column)
+    infos = with_column.extra_infos()
     assert infos == [{"split": "train"}, {"split": "test"}]
     assert score_responses(fn, ["a", "b"], ["src", "src"], ["1", "1"], infos).tolist() == [1.0, -1.0]
     without = collate_rows([row(0, {"other": 1})], Mode.STANDARD, 2, 2, 0)
-    assert extra_infos(without) == [None]
+    assert without.extra_infos() == [None]

@@ -118,6 +118,11 @@ class PromptBatch:
     teacher_attention_mask: torch.Tensor | None = None
     teacher_position_ids: torch.Tensor | None = None
 
+    def extra_infos(self) -> list[dict | None]:
+        """Each row's ``extra_info`` column (None where the data has none): the ``extra_info``
+        argument of a reward function, as verl passes it."""
+        return list(self.extra.get("extra_info", [None] * len(self)))
+
     def __post_init__(self) -> None:
         has_teacher = [getattr(self, n) is not None for n in (*_TEACHER_TENSORS, "teacher_response")]
         if self.mode is Mode.GAD and not all(has_teacher):
