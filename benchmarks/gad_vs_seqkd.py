@@ -70,7 +70,7 @@ def train_arm(arm: str, seed: int, out: Path, args: argparse.Namespace, config: 
     """Train one (arm, seed) of ``config`` with the dotted overrides ``shared`` and the arm's own,
     in a child process (``args.steps`` steps, validation once after the last); the last logged
     row's ``columns`` (name, metric key) with wall and CPU seconds (user + sys of the process
-    tree) and its peak RSS in GB (``peak_rss_gb``: the largest process of the tree). The run's
+    tree) and its peak RSS in GiB (``peak_rss_gib``: the largest process of the tree). The run's
     directory is ``out/<arm>-seed<seed>`` (``metrics.jsonl`` there), its output beside it (``.log``)."""
     run_dir = out / f"{arm}-seed{seed}"
     shared = [
@@ -97,7 +97,7 @@ def train_arm(arm: str, seed: int, out: Path, args: argparse.Namespace, config: 
     if missing:
         raise RuntimeError(f"{arm} seed {seed}: the last step logged no {', '.join(missing)}; see {log}")
     result = {name: float(final[key]) for name, key in columns}
-    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gb=usage.ru_maxrss / 2**20)
+    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gib=usage.ru_maxrss / 2**20)
     return result
 
 

@@ -16,7 +16,7 @@ Both validate once, after the last step, on the held-out prompts. The table give
   fact's accepted answer (the checker ``compute_score`` of ``examples/real_model/smollm2_facts.py``)
   - the primary metric, chosen before any run;
 * ``val/teacher_log_prob``, ``val/teacher_token_agreement``, ``val/teacher_exact_match``;
-* wall and CPU seconds (user + sys of the run's process tree) and peak RSS (GB) per run;
+* wall and CPU seconds (user + sys of the run's process tree) and peak RSS (GiB) per run;
 
 then the mean wall seconds per step of each phase (SFT, discriminator-only, GAD) with the parts
 that dominate it. One seed by default (each run takes minutes here). The last line is
@@ -73,7 +73,7 @@ def ensure_data(args: argparse.Namespace) -> tuple[Path, dict]:
             print(f"error: the prepare step failed (exit {code}); see its message above", file=sys.stderr)
             sys.exit(code)
         print(f"prepared in {time.monotonic() - start:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} CPU s, "
-              f"peak RSS {usage.ru_maxrss / 2**20:.2f} GB", flush=True)
+              f"peak RSS {usage.ru_maxrss / 2**20:.2f} GiB", flush=True)
     info = json.loads(manifest.read_text())
     if info.get("prompts") != "facts":
         print(f"error: {data} was prepared with --prompts {info.get('prompts', 'addition')}; this benchmark "
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         phases[f"{arm} seed {seed}"] = phase_times(out / f"{arm}-seed{seed}")
         print(f"{arm} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
 
-    names = [name for name, _ in COLUMNS] + ["wall_s", "cpu_s", "peak_rss_gb"]
+    names = [name for name, _ in COLUMNS] + ["wall_s", "cpu_s", "peak_rss_gib"]
     print(f"\nSmolLM2-135M-Instruct -> {info['student_layers']} layers, {info['n_val']} held-out prompts; "
           f"{args.steps} steps of {batch} prompts x {args.samples} samples of at most {info['max_new_tokens']} "
           f"tokens (GAD: {args.warmup} SFT, {args.critic_warmup} discriminator-only, "
