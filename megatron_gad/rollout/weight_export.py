@@ -4,20 +4,34 @@ Every rank calls :meth:`WeightExporter.buckets` and iterates it to the end. Para
 in one global order (pipeline stage 0's parameters first, each stage in ``named_parameters``
 order); for each one:
 
-1. the TP ranks of the owning pipeline stage all-gather its shards (``models.sharding``),
-2. the full tensor is cast to the inference dtype and, at PP > 1, sent point to point from the
-   owning stage to the destination ranks of its pipeline group (nobody else receives it),
-3. destination ranks (``dst_ranks``, the ranks that feed an engine) convert it with
-   ``models.hf_mapping.megatron_to_hf_tensors`` (QKV split per query group, fc1 -> gate/up, vocab
-   padding removed, the tied output layer skipped) and append it to the current bucket; every
-   other rank drops it at once.
+1. every rank holding a shard checks it is finite and casts it to the inference dtype,
+2. the full tensor is assembled on the destination ranks (``dst_ranks``, the ranks that feed an
+   engine) and nowhere else, by one of two transports:
+
+   - ``direct`` (the default on gloo, i.e. CPU ranks): each TP rank of the owning stage sends its
+     shard straight to each destination rank, which receives it in place into its rows of a
+     preallocated full tensor (``linear_fc1``'s gate and up halves each into their own rows;
+     column blocks of row-parallel weights are received whole and copied into place). A
+     destination's own shard is copied in; nothing is relayed, all-gathered or concatenated;
+   - ``gather`` (the default on NCCL): the TP ranks of the owning stage all-gather the shards
+     (``models.sharding``), and at PP > 1 the owning stage sends the full tensor point to point
+     to the destination ranks of its pipeline group;
+
+3. destination ranks convert it with ``models.hf_mapping.megatron_to_hf_tensors`` (QKV split per
+   query group into new tensors; fc1 -> gate/up, the vocab padding removed and every other
+   tensor as views, without a copy; the tied output layer skipped) and append it to the current
+   bucket; every other rank drops it at once.
 
 Buckets of about ``bucket_bytes`` are yielded as lists of ``(hf_name, tensor)`` on destination
 ranks only. At most one bucket plus the tensor in flight is alive on a destination rank (tracked
-in :attr:`WeightExporter.stats`), and a sending stage keeps at most about one bucket of sends in
+in :attr:`WeightExporter.stats`), and a sending rank keeps at most about one bucket of sends in
 flight, never the whole model. Non-finite weights raise ModelDivergedError on every rank of the
 model-parallel group once the export has run through. Model-parallel groups without a destination
 rank (other DP replicas) do no communication at all.
+
+Where no gather, cast or split is needed (the parameter is its own HF tensor, or fc1's halves,
+at TP=1 in the same dtype) a yielded tensor is a view of the live parameter: nothing is copied.
+The CPU engine keeps such tensors as its weights (see ``CPURolloutEngine.load_weights``).
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ from torch import Tensor
 from megatron_gad.models import sharding
 from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES, ModelDivergedError, WeightBucket
 
+TRANSPORTS = ("auto", "direct", "gather")
+
 #: ``convert(global_megatron_name, full_tensor, hf_config, role) -> [(hf_name, tensor), ...]``
 Converter = Callable[[str, Tensor, Any, str], list[tuple[str, Tensor]]]
 
@@ -44,6 +60,8 @@ class ParamMeta:
     name: str
     shape: tuple[int, ...]
     stage: int
+    split_dim: int | None = None
+    """The dimension Megatron splits the parameter along over TP ranks (None: replicated)."""
 
 
 @dataclass
@@ -70,11 +88,19 @@ def _default_converter(name: str, full: Tensor, hf_config: Any, role: str) -> li
     return megatron_to_hf_tensors(name, full, hf_config, role=role)
 
 
-def _owned(t: Tensor) -> Tensor:
-    """``t`` as a contiguous tensor that owns its storage (so the full tensor it views can be freed)."""
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _contiguous(t: Tensor) -> Tensor:
+    """``t`` itself when contiguous (a view is kept: no copy), else a contiguous copy."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _finite(t: Tensor) -> Tensor:
+    """A 0-dim bool tensor, True when every element of ``t`` is finite: its minimum and maximum
+    are (both propagate NaN), one pass without a temporary, several times cheaper than
+    ``isfinite(t).all()``. Stays on ``t``'s device."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def _nbytes(t: Tensor) -> int:
@@ -87,7 +113,8 @@ class WeightExporter:
     ``chunks``: this rank's model chunks (``build_model`` output; one chunk, no virtual pipeline).
     ``dtype``: inference dtype of the exported tensors. ``dst_ranks``: global ranks that receive
     buckets. ``convert``: the Megatron -> HF converter (default ``megatron_to_hf_tensors``).
-    Construct and iterate on every rank.
+    ``transport``: ``"direct"``, ``"gather"`` or ``"auto"`` (direct on gloo, gather otherwise;
+    see the module docstring). Construct and iterate on every rank.
     """
 
     def __init__(
@@ -100,11 +127,14 @@ class WeightExporter:
         dst_ranks: Iterable[int] = (0,),
         role: str = "actor",
         convert: Converter | None = None,
+        transport: str = "auto",
     ) -> None:
         if len(chunks) != 1:
             raise ValueError(f"WeightExporter takes one model chunk per rank, got {len(chunks)}")
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.chunk = chunks[0]
         self.hf_config = hf_config
         self.dtype = dtype
@@ -112,9 +142,12 @@ class WeightExporter:
         self.dst_ranks = frozenset(int(r) for r in dst_ranks)
         self.role = role
         self.convert = convert or _default_converter
+        self.transport = transport
         self.stats = ExportStats()
         self._metas: list[ParamMeta] | None = None
+        self._grid: dict[tuple[int, int], int] | None = None
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._first_bad: Tensor | None = None
 
     # ---------------------------------------------------------------- metadata (collective, cached)
     def _skip(self, local_name: str) -> bool:
@@ -122,17 +155,22 @@ class WeightExporter:
         return self._tied and local_name == "output_layer.weight"
 
     def _local_metas(self, stage: int, tp: int) -> list[ParamMeta]:
+        metas = []
+        for name, param in self._local_params():
+            shape = list(param.shape)
+            split = int(param.partition_dim) if sharding.is_tp_sharded(param) and tp > 1 else None
+            if split is not None:
+                shape[split] *= tp
+            metas.append(ParamMeta(name, tuple(shape), stage, split))
+        return metas
+
+    def _local_params(self) -> Iterator[tuple[str, Tensor]]:
+        """This stage's exported parameters in order, under their global names."""
         model = sharding.unwrap(self.chunk)
         offset = sharding.layer_offset(model)
-        metas = []
         for name, param in model.named_parameters():
-            if self._skip(name):
-                continue
-            shape = list(param.shape)
-            if sharding.is_tp_sharded(param) and tp > 1:
-                shape[int(param.partition_dim)] *= tp
-            metas.append(ParamMeta(sharding.global_name(name, offset), tuple(shape), stage))
-        return metas
+            if not self._skip(name):
+                yield sharding.global_name(name, offset), param
 
     def metadata(self) -> list[ParamMeta]:
         """The global export order, gathered once over the pipeline group and cached.
@@ -156,6 +194,22 @@ class WeightExporter:
                 raise RuntimeError("WeightExporter: two pipeline stages export the same parameter name")
         return self._metas
 
+    def _rank_grid(self) -> dict[tuple[int, int], int]:
+        """``(stage, tp_rank) -> global rank`` within this model-parallel group (collective over
+        it the first time, then cached)."""
+        if self._grid is None:
+            from megatron.core import parallel_state as ps
+
+            me = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank())
+            if dist.get_world_size() == 1:
+                entries = [me]
+            else:
+                group = ps.get_model_parallel_group()
+                entries = [None] * dist.get_world_size(group)
+                dist.all_gather_object(entries, me, group=group)
+            self._grid = {(s, t): r for s, t, r in entries}
+        return self._grid
+
     # ---------------------------------------------------------------- export
     def _group_is_active(self) -> bool:
         """True when this rank's model-parallel group (TP x PP) contains a destination rank."""
@@ -166,14 +220,20 @@ class WeightExporter:
         ranks = dist.get_process_group_ranks(ps.get_model_parallel_group())
         return any(r in self.dst_ranks for r in ranks)
 
+    def _direct(self) -> bool:
+        if self.transport == "auto":
+            return dist.get_world_size() == 1 or dist.get_backend() == "gloo"
+        return self.transport == "direct"
+
     def buckets(self) -> Iterator[WeightBucket]:
         """Yield buckets of ``(hf_name, tensor)`` on destination ranks; nothing elsewhere.
 
         Every rank must iterate to exhaustion (the loop contains collectives over the TP and PP
         groups). The consumer should drop each bucket once loaded: the exporter only frees its
-        own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor may
-        share storage with the live parameter: copy it if you keep it past the next optimizer
-        step. Updates :attr:`stats` (``peak_bytes`` counts such views too: an upper bound).
+        own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor is
+        a view of the live parameter: copy it if you keep it past the next optimizer step, or
+        keep it knowingly as a live view (the CPU engine does). Updates :attr:`stats`
+        (``peak_bytes`` counts such views too: an upper bound).
         """
         self.stats = ExportStats()
         if not self._group_is_active():
@@ -184,14 +244,12 @@ class WeightExporter:
         size = 0
         metas = self.metadata()
         # index of the first non-finite tensor held here (len(metas): none), kept on the device
-        first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
-        for index, (meta, full) in enumerate(self._full_tensors()):
-            if full is None:
+        self._first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
+        full_tensors = self._direct_full_tensors() if self._direct() else self._gathered_full_tensors()
+        for meta, full in full_tensors:
+            if full is None or not keep:
                 continue
-            torch.minimum(first_bad, torch.where(torch.isfinite(full).all(), len(metas), index), out=first_bad)
-            if not keep:
-                continue
-            hf = [(n, _owned(t)) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
+            hf = [(n, _contiguous(t)) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
             out_bytes = sum(_nbytes(t) for _, t in hf)
             self._note_alive(size + _nbytes(full) + out_bytes)
             del full
@@ -204,7 +262,12 @@ class WeightExporter:
         if bucket:
             yield self._emit(bucket, size)
         self.stats.seconds = time.perf_counter() - start
-        self._check_finite(first_bad, metas)
+        self._check_finite(self._first_bad, metas)
+
+    def _note_finite(self, index: int, t: Tensor) -> None:
+        """Record parameter ``index`` as the first non-finite one when ``t`` is not finite (no
+        host sync: the flag stays on the device until the end of the export)."""
+        torch.minimum(self._first_bad, torch.where(_finite(t), self._first_bad, index), out=self._first_bad)
 
     @staticmethod
     def _check_finite(first_bad: Tensor, metas: list[ParamMeta]) -> None:
@@ -231,8 +294,81 @@ class WeightExporter:
     def _note_alive(self, nbytes: int) -> None:
         self.stats.peak_bytes = max(self.stats.peak_bytes, nbytes)
 
-    def _full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
-        """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it.
+    def _direct_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
+        """Per parameter in global order: its full tensor in ``dtype`` on destination ranks of
+        this model-parallel group, None elsewhere (the ``direct`` transport).
+
+        Every holder of a shard checks and casts it, then sends it point to point to each
+        destination rank that does not hold it; a destination receives each shard in place into
+        its rows of a preallocated full tensor (a row-parallel shard, a block of columns, is
+        received whole and copied in). A replicated parameter comes from the owning stage's TP
+        rank that is the destination itself, else from TP rank 0. Sends are bounded to about one
+        bucket in flight per rank; receives are in the global order, so no rank waits on a peer
+        that waits on it.
+        """
+        from megatron.core import parallel_state as ps
+
+        metas, grid = self.metadata(), self._rank_grid()
+        me = dist.get_rank()
+        stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        tp = ps.get_tensor_model_parallel_world_size()
+        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
+        local = self._local_params()
+        dev = _device()
+        sends: list[tuple[Any, Tensor]] = []
+        in_flight = 0
+        for index, meta in enumerate(metas):
+            shard: Tensor | None = None
+            if meta.stage == stage:
+                name, param = next(local)
+                if name != meta.name:
+                    raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
+                shard = param.detach()
+                self._note_finite(index, shard)
+                shard = _contiguous(shard.to(self.dtype))
+                self._note_alive(_nbytes(shard))
+            holders = [grid[(meta.stage, t)] for t in range(tp)] if meta.split_dim is not None else None
+            full: Tensor | None = None
+            if shard is not None:  # send what destinations elsewhere need from this rank
+                for dst in dsts:
+                    if dst == me:
+                        continue
+                    if holders is None:
+                        on_stage = [grid[(meta.stage, t)] for t in range(tp)]
+                        if dst in on_stage or tp_rank != 0:
+                            continue
+                    for piece in _pieces(meta, shard):
+                        sends.append((dist.isend(piece, dst=dst), piece))
+                        in_flight += _nbytes(piece)
+            if me in dsts:
+                if holders is None:
+                    full = shard if shard is not None else torch.empty(meta.shape, dtype=self.dtype, device=dev)
+                    if shard is None:
+                        dist.recv(full, src=grid[(meta.stage, 0)])
+                else:
+                    full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
+                    for t, src in enumerate(holders):
+                        for piece, target in zip(_pieces(meta, shard if src == me else None),
+                                                 _targets(meta, full, tp, t)):
+                            if src == me:
+                                target.copy_(piece)
+                            elif target.is_contiguous():
+                                dist.recv(target, src=src)
+                            else:
+                                buf = torch.empty(target.shape, dtype=self.dtype, device=dev)
+                                dist.recv(buf, src=src)
+                                target.copy_(buf)
+                                del buf
+            del shard
+            if in_flight >= self.bucket_bytes:  # bound what a sender runs ahead of its receivers
+                _wait_all(sends)
+                in_flight = 0
+            yield meta, full
+        _wait_all(sends)
+
+    def _gathered_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
+        """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it
+        (the ``gather`` transport).
 
         Collective: TP all-gather on the owning stage, then, at PP > 1, a point-to-point send
         from the owning stage's rank to each destination rank of this pipeline group (no other
@@ -240,24 +376,23 @@ class WeightExporter:
         """
         from megatron.core import parallel_state as ps
 
-        from megatron_gad.runtime.distributed import device
-
         metas = self.metadata()
         me, stage = dist.get_rank(), ps.get_pipeline_model_parallel_rank()
         pp = ps.get_pipeline_model_parallel_world_size()
         pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else [me]
         dsts = [r for r in pp_ranks if r in self.dst_ranks]
         local = sharding.full_tensors(self.chunk, skip=self._skip)
-        dev = device()
+        dev = _device()
         sends: list[tuple[Any, Tensor]] = []  # in flight: (work, tensor kept alive until done)
         in_flight = 0
-        for meta in metas:
+        for index, meta in enumerate(metas):
             full: Tensor | None = None
             owner = pp_ranks[meta.stage]
             if meta.stage == stage:
                 name, gathered = next(local)
                 if name != meta.name:
                     raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
+                self._note_finite(index, gathered)
                 full = gathered.to(self.dtype).contiguous()
                 self._note_alive(_nbytes(full))
                 for dst in dsts:
@@ -272,6 +407,32 @@ class WeightExporter:
                 dist.recv(full, src=owner)
             yield meta, full
         _wait_all(sends)
+
+
+def _is_fc1(name: str) -> bool:
+    return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+
+
+def _pieces(meta: ParamMeta, shard: Tensor | None) -> list[Tensor | None]:
+    """The messages one TP rank's shard travels in: the shard whole, or fc1's ``[gate_t; up_t]``
+    as its two halves (each lands in its own rows). ``shard`` None: one None per message."""
+    count = 2 if _is_fc1(meta.name) and meta.split_dim is not None else 1
+    if shard is None:
+        return [None] * count
+    return list(shard.chunk(2, dim=meta.split_dim)) if count == 2 else [shard]
+
+
+def _targets(meta: ParamMeta, full: Tensor, tp: int, t: int) -> list[Tensor]:
+    """Where TP rank ``t``'s messages land in the full tensor (views, in :func:`_pieces` order):
+    rows ``t`` of ``tp`` (contiguous), fc1's gate and up rows of rank ``t``, or columns ``t``
+    of ``tp`` of a row-parallel weight (not contiguous)."""
+    dim = meta.split_dim
+    if _is_fc1(meta.name):
+        half = full.shape[dim] // 2
+        per = half // tp
+        return [full.narrow(dim, t * per, per), full.narrow(dim, half + t * per, per)]
+    per = full.shape[dim] // tp
+    return [full.narrow(dim, t * per, per)]
 
 
 def _device() -> torch.device:
