@@ -10,7 +10,8 @@ file, then times (median of --repeat runs), in one process (TP=1, PP=1, after im
 - hf_to_megatron: :func:`megatron_gad.convert.hf_to_megatron` (read, fuse, build, save);
 - megatron_to_hf: :func:`megatron_gad.convert.megatron_to_hf` (load, gather, split, write);
 
-and prints seconds, GB/s (HF bytes / seconds) and the ratio to the raw time. The round trip is
+and prints seconds, GB/s (HF bytes / seconds) and the ratio to the raw time, and as its last line
+each converter's ratio to raw + fsync (the goal: at most 2). The round trip is
 checked bit-exact. Run it on an otherwise idle machine for stable numbers (the file cache is warm
 for every row: each reads what an earlier step just wrote).
 """
@@ -126,6 +127,7 @@ def main() -> None:
         runs = " ".join(f"{t:.2f}" for t in rows[name])
         print(f"{name:<16}{sec:>9.2f}{gb / sec:>8.2f}{sec / med['raw read+write']:>8.2f}"
               f"{sec / med['raw + fsync']:>13.2f}  {runs}")
+    print(" ".join(f"{name}_over_raw_fsync={med[name] / med['raw + fsync']:.2f}" for name in times))
 
 
 if __name__ == "__main__":

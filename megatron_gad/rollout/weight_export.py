@@ -4,34 +4,39 @@ Every rank calls :meth:`WeightExporter.buckets` and iterates it to the end. Para
 in one global order (pipeline stage 0's parameters first, each stage in ``named_parameters``
 order); for each one:
 
-1. every rank holding a shard checks it is finite and casts it to the inference dtype,
+1. every rank holding it checks its shard is finite (``aminmax``: one pass, no temporary) and
+   casts it to the inference dtype;
 2. the full tensor is assembled on the destination ranks (``dst_ranks``, the ranks that feed an
-   engine) and nowhere else, by one of two transports:
+   engine) and nowhere else, by one of two transports (``transport``):
 
-   - ``direct`` (the default on gloo, i.e. CPU ranks): each TP rank of the owning stage sends its
-     shard straight to each destination rank, which receives it in place into its rows of a
-     preallocated full tensor (``linear_fc1``'s gate and up halves each into their own rows;
-     column blocks of row-parallel weights are received whole and copied into place). A
-     destination's own shard is copied in; nothing is relayed, all-gathered or concatenated;
-   - ``gather`` (the default on NCCL): the TP ranks of the owning stage all-gather the shards
-     (``models.sharding``), and at PP > 1 the owning stage sends the full tensor point to point
-     to the destination ranks of its pipeline group;
+   - ``direct`` (what ``auto`` picks on gloo, i.e. CPU ranks): each TP rank of the owning stage
+     hands its shard straight to each destination rank, which puts it into its rows of a
+     preallocated full tensor (``linear_fc1``'s gate and up halves each into their own rows, a
+     row-parallel shard into its columns); a destination copies its own shard in. Nothing is
+     relayed, all-gathered or concatenated. Under ``auto``, when the model-parallel group has
+     one destination rank and lives on one host, shards travel through shared memory
+     (:class:`_ShmLink`: copied into a segment by the sender, out of it by the destination, gloo
+     carrying only counters); otherwise, and with ``direct``, as gloo messages received in place;
+   - ``gather`` (what ``auto`` picks on NCCL): the TP ranks of the owning stage all-gather the
+     shards (``models.sharding``), and at PP > 1 the owning stage sends the full tensor point
+     to point to the destination ranks of its pipeline group;
 
-3. destination ranks convert it with ``models.hf_mapping.megatron_to_hf_tensors`` (QKV split per
-   query group into new tensors; fc1 -> gate/up, the vocab padding removed and every other
-   tensor as views, without a copy; the tied output layer skipped) and append it to the current
-   bucket; every other rank drops it at once.
+3. destination ranks convert it with ``models.hf_mapping.megatron_to_hf_tensors`` (the QKV split
+   per query group makes new tensors; fc1's gate/up halves, the vocabulary rows without padding
+   and every other tensor are views, not copies; the tied output layer is skipped) and append
+   it to the current bucket; every other rank drops it at once.
 
 Buckets of about ``bucket_bytes`` are yielded as lists of ``(hf_name, tensor)`` on destination
 ranks only. At most one bucket plus the tensor in flight is alive on a destination rank (tracked
-in :attr:`WeightExporter.stats`), and a sending rank keeps at most about one bucket of sends in
-flight, never the whole model. Non-finite weights raise ModelDivergedError on every rank of the
-model-parallel group once the export has run through. Model-parallel groups without a destination
-rank (other DP replicas) do no communication at all.
+in :attr:`WeightExporter.stats`), and a sending rank keeps at most about one bucket of gloo sends
+(or two shared-memory slots of at most 32 MiB) in flight, never the whole model. Non-finite
+weights raise ModelDivergedError on every rank of the model-parallel group once the export has
+run through. Model-parallel groups without a destination rank (other DP replicas) do no
+communication at all.
 
-Where no gather, cast or split is needed (the parameter is its own HF tensor, or fc1's halves,
-at TP=1 in the same dtype) a yielded tensor is a view of the live parameter: nothing is copied.
-The CPU engine keeps such tensors as its weights (see ``CPURolloutEngine.load_weights``).
+Where no gather, cast or split is needed (TP=1 in the parameter's dtype) a yielded tensor is a
+view of the live parameter: nothing is copied, and the CPU engine keeps it as its weight (see
+``CPURolloutEngine.load_weights`` for why that is exactly a copy made at the sync).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ from megatron_gad.models import sharding
 from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES, ModelDivergedError, WeightBucket
 
 TRANSPORTS = ("auto", "direct", "gather")
+SHM_DIR = "/dev/shm"
+SHM_SLOT_BYTES = 32 * 1024**2
+"""Bytes of each of the two slots of a shared-memory link (at most ``bucket_bytes``)."""
 
 #: ``convert(global_megatron_name, full_tensor, hf_config, role) -> [(hf_name, tensor), ...]``
 Converter = Callable[[str, Tensor, Any, str], list[tuple[str, Tensor]]]
@@ -113,8 +121,9 @@ class WeightExporter:
     ``chunks``: this rank's model chunks (``build_model`` output; one chunk, no virtual pipeline).
     ``dtype``: inference dtype of the exported tensors. ``dst_ranks``: global ranks that receive
     buckets. ``convert``: the Megatron -> HF converter (default ``megatron_to_hf_tensors``).
-    ``transport``: ``"direct"``, ``"gather"`` or ``"auto"`` (direct on gloo, gather otherwise;
-    see the module docstring). Construct and iterate on every rank.
+    ``transport``: ``"auto"`` (on gloo: direct, through shared memory where the group allows;
+    on NCCL: gather), ``"direct"`` (gloo messages, no shared memory) or ``"gather"``; see the
+    module docstring. Construct and iterate on every rank.
     """
 
     def __init__(
@@ -146,6 +155,7 @@ class WeightExporter:
         self.stats = ExportStats()
         self._metas: list[ParamMeta] | None = None
         self._grid: dict[tuple[int, int], int] | None = None
+        self._links: dict[int, _ShmLink] | None = None
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         self._first_bad: Tensor | None = None
 
@@ -225,6 +235,71 @@ class WeightExporter:
             return dist.get_world_size() == 1 or dist.get_backend() == "gloo"
         return self.transport == "direct"
 
+    def _shm_links(self) -> dict[int, _ShmLink] | None:
+        """This rank's shared-memory links (peer rank -> link) for the ``auto`` transport on CPU
+        ranks, set up on the first export and kept: each rank makes one segment toward the
+        destination rank, the destination maps it, and the file is unlinked at once (the mappings
+        outlive it; nothing stays in ``/dev/shm``). None (the gloo sends are used) under
+        ``direct``, when the model-parallel group has several destination ranks (one that also
+        sends could then wait on a peer that waits on it), spans several hosts, or ``/dev/shm``
+        is not usable. Collective over the model-parallel group."""
+        if self._links is not None:
+            return self._links or None
+        self._links = {}
+        if self.transport != "auto" or dist.get_world_size() == 1:
+            return None
+        import os
+        import socket
+        import uuid
+
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        ranks = sorted(self._rank_grid().values())
+        dsts = [r for r in ranks if r in self.dst_ranks]
+        if len(dsts) != 1:
+            return None
+        me = dist.get_rank()
+        metas = self.metadata()
+        item = torch.empty((), dtype=self.dtype).element_size()
+        longest_row = max((item * _prod(m.shape[1:]) for m in metas), default=1)
+        slot = max(min(self.bucket_bytes, SHM_SLOT_BYTES), longest_row)
+        slot = -(-slot // _ShmLink.ALIGN) * _ShmLink.ALIGN
+        made: dict[int, str] = {}
+        error = ""
+        try:
+            if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
+                for dst in dsts:
+                    if dst != me:
+                        made[dst] = os.path.join(SHM_DIR, f"mgad-weights-{uuid.uuid4().hex}-{me}-{dst}")
+                        self._links[dst] = _ShmLink(torch.from_file(made[dst], shared=True, size=2 * slot,
+                                                                    dtype=torch.uint8), dst, sending=True)
+            else:
+                error = f"{SHM_DIR} is not a writable directory"
+        except (OSError, RuntimeError) as exc:
+            error = f"cannot create a shared-memory segment in {SHM_DIR}: {exc}"
+        offers: list[Any] = [None] * len(ranks)
+        dist.all_gather_object(offers, (me, socket.gethostname(), made, error), group=group)
+        if not error and me in dsts:
+            try:
+                for src, host, paths, _ in offers:
+                    if src != me:
+                        self._links[src] = _ShmLink(torch.from_file(paths[me], shared=True, size=2 * slot,
+                                                                    dtype=torch.uint8), src, sending=False)
+            except (OSError, RuntimeError, KeyError) as exc:
+                error = f"cannot map a peer's shared-memory segment: {exc}"
+        hosts = {host for _, host, _, _ in offers}
+        if len(hosts) > 1:
+            error = error or f"the model-parallel group spans {len(hosts)} hosts"
+        errors: list[Any] = [None] * len(ranks)
+        dist.all_gather_object(errors, error, group=group)  # every rank has mapped what it maps
+        for path in made.values():
+            os.unlink(path)
+        if any(errors):
+            self._links = {}
+            return None
+        return self._links
+
     def buckets(self) -> Iterator[WeightBucket]:
         """Yield buckets of ``(hf_name, tensor)`` on destination ranks; nothing elsewhere.
 
@@ -298,13 +373,13 @@ class WeightExporter:
         """Per parameter in global order: its full tensor in ``dtype`` on destination ranks of
         this model-parallel group, None elsewhere (the ``direct`` transport).
 
-        Every holder of a shard checks and casts it, then sends it point to point to each
-        destination rank that does not hold it; a destination receives each shard in place into
-        its rows of a preallocated full tensor (a row-parallel shard, a block of columns, is
-        received whole and copied in). A replicated parameter comes from the owning stage's TP
-        rank that is the destination itself, else from TP rank 0. Sends are bounded to about one
-        bucket in flight per rank; receives are in the global order, so no rank waits on a peer
-        that waits on it.
+        Every holder of a shard checks and casts it, then hands it to each destination rank that
+        does not hold it (through a shared-memory link, or as a gloo message); a destination
+        takes each shard into its rows of a preallocated full tensor (a gloo message in place;
+        a row-parallel shard, a block of columns, through a buffer). A replicated parameter
+        comes from the destination's own copy when it is on the owning stage, else from that
+        stage's TP rank 0. Gloo sends are bounded to about one bucket in flight per rank;
+        receives are in the global order, so no rank waits on a peer that waits on it.
         """
         from megatron.core import parallel_state as ps
 
@@ -313,6 +388,7 @@ class WeightExporter:
         stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         tp = ps.get_tensor_model_parallel_world_size()
         dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
+        links = self._shm_links() if dev_is_cpu() else None
         local = self._local_params()
         dev = _device()
         sends: list[tuple[Any, Tensor]] = []
@@ -338,12 +414,17 @@ class WeightExporter:
                         if dst in on_stage or tp_rank != 0:
                             continue
                     for piece in _pieces(meta, shard):
+                        if links is not None:
+                            links[dst].put(piece)
+                            continue
                         sends.append((dist.isend(piece, dst=dst), piece))
                         in_flight += _nbytes(piece)
             if me in dsts:
                 if holders is None:
                     full = shard if shard is not None else torch.empty(meta.shape, dtype=self.dtype, device=dev)
-                    if shard is None:
+                    if shard is None and links is not None:
+                        links[grid[(meta.stage, 0)]].get(full)
+                    elif shard is None:
                         dist.recv(full, src=grid[(meta.stage, 0)])
                 else:
                     full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
@@ -352,6 +433,8 @@ class WeightExporter:
                                                  _targets(meta, full, tp, t)):
                             if src == me:
                                 target.copy_(piece)
+                            elif links is not None:
+                                links[src].get(target)
                             elif target.is_contiguous():
                                 dist.recv(target, src=src)
                             else:
@@ -365,6 +448,8 @@ class WeightExporter:
                 in_flight = 0
             yield meta, full
         _wait_all(sends)
+        for link in (links or {}).values():
+            link.close()
 
     def _gathered_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
         """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it
@@ -409,6 +494,98 @@ class WeightExporter:
         _wait_all(sends)
 
 
+class _ShmLink:
+    """One sender -> one destination channel through a shared-memory segment (ranks on one host).
+
+    The segment has two slots of ``slot_bytes``; messages are split along dim 0 into pieces that
+    fit a slot and packed into the slots in turn (64-byte aligned), by the same rule on both
+    ends, so only counters travel over gloo: after each piece the sender posts how many pieces
+    it has written, after copying each out the destination posts how many it has read, and the
+    sender reuses a slot only once every piece of the round before last was read. Pieces are
+    announced and acknowledged one by one, never held back, so a rank that is destination and
+    sender at once cannot wait on a peer that waits on it. Each byte is copied twice (into the
+    segment, and out of it into its place), with no socket in between.
+    """
+
+    ALIGN = 64
+    WRITTEN, READ = 71, 72
+    """gloo tags of the two counters (two links may join the same pair of ranks, one each way)."""
+
+    def __init__(self, segment: Tensor, peer: int, sending: bool) -> None:
+        self.slots = segment.chunk(2)
+        self.slot_bytes = self.slots[0].numel()
+        self.peer, self.sending = peer, sending
+        self._works: list[tuple[Any, Tensor]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.round, self.offset = 0, 0
+        self.done = 0  # pieces written (sender) or read (destination)
+        self.seen = 0  # pieces the peer has read (sender) or written (destination)
+        self.round_ends: list[int] = []  # sender: pieces written up to the end of each full round
+
+    def _pieces(self, t: Tensor) -> list[Tensor]:
+        """``t`` (a message, or the place it lands) in pieces along dim 0 that fit one slot."""
+        if t.dim() == 0 or t.numel() == 0:
+            return [t]
+        rows = max(1, self.slot_bytes // max(1, _nbytes(t) // t.shape[0]))
+        return list(t.split(rows, dim=0))
+
+    def _place(self, nbytes: int) -> Tensor:
+        """Claim ``nbytes`` in the current slot, moving to the next round when they do not fit."""
+        if self.offset and self.offset + nbytes > self.slot_bytes:
+            self.round_ends.append(self.done)
+            self.round, self.offset = self.round + 1, 0
+            if self.sending and self.round >= 2:  # the slot is reused: its last round must be read
+                self._wait_read(self.round_ends[self.round - 2])
+        region = self.slots[self.round % 2].narrow(0, self.offset, nbytes)
+        self.offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        return region
+
+    def _post(self) -> None:
+        note = torch.tensor([self.done])
+        tag = self.WRITTEN if self.sending else self.READ
+        self._works.append((dist.isend(note, dst=self.peer, tag=tag), note))
+
+    def _wait_peer(self, count: int) -> None:
+        """Block until the peer's counter reaches ``count``."""
+        buf = torch.empty(1, dtype=torch.int64)
+        tag = self.READ if self.sending else self.WRITTEN
+        while self.seen < count:
+            dist.recv(buf, src=self.peer, tag=tag)
+            self.seen = int(buf)
+
+    _wait_read = _wait_peer
+
+    def put(self, message: Tensor) -> None:
+        """Sender: copy ``message`` (contiguous) into the segment and announce it."""
+        for piece in self._pieces(message):
+            if _nbytes(piece):
+                self._place(_nbytes(piece)).view(piece.dtype).view(piece.shape).copy_(piece)
+                self.done += 1
+                self._post()
+
+    def get(self, target: Tensor) -> None:
+        """Destination: copy the next message out of the segment into ``target`` (any strides)."""
+        for piece in self._pieces(target):
+            if _nbytes(piece):
+                region = self._place(_nbytes(piece))
+                self._wait_peer(self.done + 1)
+                piece.copy_(region.view(piece.dtype).view(piece.shape))
+                self.done += 1
+                self._post()
+
+    def close(self) -> None:
+        """End of one export: the sender waits until everything it wrote was read; both ends
+        complete their posts and start the next export from the first slot."""
+        if self.sending:
+            self._wait_read(self.done)
+        for work, _ in self._works:
+            work.wait()
+        self._works.clear()
+        self._reset()
+
+
 def _is_fc1(name: str) -> bool:
     return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
 
@@ -433,6 +610,18 @@ def _targets(meta: ParamMeta, full: Tensor, tp: int, t: int) -> list[Tensor]:
         return [full.narrow(dim, t * per, per), full.narrow(dim, half + t * per, per)]
     per = full.shape[dim] // tp
     return [full.narrow(dim, t * per, per)]
+
+
+def _prod(shape: Iterable[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= int(n)
+    return out
+
+
+def dev_is_cpu() -> bool:
+    """True when this process computes on the CPU (the shared-memory links carry host tensors)."""
+    return _device().type == "cpu"
 
 
 def _device() -> torch.device:

@@ -78,12 +78,14 @@ def export_rank(hf_config, ckpt: str, save: bool, dst_ranks: tuple, bucket_bytes
 LAYOUTS = [(2, 1, 2, (0,)), (1, 2, 2, (0,)), (2, 2, 4, (0, 3)), (1, 2, 4, (0,))]  # tp, pp, world, dst_ranks
 
 
-@pytest.mark.parametrize("arch,tied,transport", [("qwen2", False, "direct"), ("llama", True, "direct"),
-                                                 ("qwen2", False, "gather")],
-                         ids=["qwen2-untied-direct", "llama-tied-direct", "qwen2-untied-gather"])
+@pytest.mark.parametrize("arch,tied,transport", [("qwen2", False, "auto"), ("llama", True, "auto"),
+                                                 ("qwen2", False, "direct"), ("qwen2", False, "gather")],
+                         ids=["qwen2-untied-auto", "llama-tied-auto", "qwen2-untied-direct", "qwen2-untied-gather"])
 def test_export_equals_tp1_conversion_at_every_layout(arch: str, tied: bool, transport: str, tmp_path) -> None:
-    """Both transports (shards sent straight to the destinations, or TP all-gather then a PP
-    send) deliver exactly the TP=1 conversion at every layout."""
+    """Every transport delivers exactly the TP=1 conversion at every layout: ``auto`` on these
+    gloo ranks (shards through shared memory with one destination rank, gloo sends with two;
+    the 4 KB buckets make the shared-memory links run many rounds), ``direct`` (gloo sends
+    straight to the destinations) and ``gather`` (TP all-gather, then a PP send)."""
     from transformers import AutoModelForCausalLM
 
     hf_config = tiny_hf_config(arch, tied)
