@@ -10,7 +10,8 @@ file, then times (median of --repeat runs), in one process (TP=1, PP=1, after im
 - hf_to_megatron: :func:`megatron_gad.convert.hf_to_megatron` (read, fuse, build, save);
 - megatron_to_hf: :func:`megatron_gad.convert.megatron_to_hf` (load, gather, split, write);
 
-and prints seconds, GB/s (HF bytes / seconds) and the ratio to the raw time. The round trip is
+and prints seconds, GB/s (HF bytes / seconds) and the ratio to the raw time, and as its last line
+each converter's ratio to raw + fsync (the goal: at most 2). The round trip is
 checked bit-exact. Run it on an otherwise idle machine for stable numbers (the file cache is warm
 for every row: each reads what an earlier step just wrote).
 """
@@ -47,34 +48,42 @@ def write_random_llama(directory: str, hidden: int, layers: int, vocab: int, dty
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def raw_read_write(src: str, dst: str, fsync: bool = False) -> float:
-    """Seconds to read every tensor of ``src`` and write them all to ``dst`` (then fsync it,
-    as megatron-core's checkpoint writer does, when ``fsync``)."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raw_read_write(src: str, dst: str, fsync: bool = False) -> tuple[float, float]:
+    """Wall and CPU seconds to read every tensor of ``src`` and write them all to ``dst`` (then
+    fsync it, as megatron-core's checkpoint writer does, when ``fsync``)."""
     from safetensors.torch import load_file, save_file
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     save_file(load_file(src), dst, metadata={"format": "pt"})
     if fsync:
         fd = os.open(dst, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def timed_conversions(work: str, repeat: int) -> dict[str, list[float]]:
-    """One rank (TP=1, PP=1): time both directions ``repeat`` times (inside ``run_distributed``).
-    The first hf_to_megatron also pays megatron-core's one-time writer start (a spawned process)."""
+def timed_conversions(work: str, repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """One rank (TP=1, PP=1): time both directions ``repeat`` times (inside ``run_distributed``),
+    as (wall, CPU) seconds. The first hf_to_megatron also pays one-time start-up costs."""
     from megatron_gad import convert
 
-    times: dict[str, list[float]] = {"hf_to_megatron": [], "megatron_to_hf": []}
+    times: dict[str, list[tuple[float, float]]] = {"hf_to_megatron": [], "megatron_to_hf": []}
     for i in range(repeat):
         meg, back = os.path.join(work, f"megatron{i}"), os.path.join(work, f"hf_back{i}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         convert.hf_to_megatron(os.path.join(work, "hf"), meg)
-        times["hf_to_megatron"].append(time.perf_counter() - start)
-        start = time.perf_counter()
+        times["hf_to_megatron"].append((time.perf_counter() - start, cpu_seconds() - cpu))
+        start, cpu = time.perf_counter(), cpu_seconds()
         convert.megatron_to_hf(meg, back)
-        times["megatron_to_hf"].append(time.perf_counter() - start)
+        times["megatron_to_hf"].append((time.perf_counter() - start, cpu_seconds() - cpu))
         check_round_trip(os.path.join(work, "hf"), back)
         shutil.rmtree(meg)
         shutil.rmtree(back)
@@ -119,14 +128,17 @@ def main() -> None:
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}: "
           f"{gb * 1e3:.0f} MB of tensors; {torch.get_num_threads()} torch threads; round trip bit-exact")
     rows = {"raw read+write": raw, "raw + fsync": raw_sync, **times}
-    med = {name: statistics.median(v) for name, v in rows.items()}
-    print(f"median of {args.repeat} runs (all runs in seconds in the last column)")
-    print(f"{'step':<16}{'seconds':>9}{'GB/s':>8}{'x raw':>8}{'x raw+fsync':>13}  runs")
+    med = {name: statistics.median(w for w, _ in v) for name, v in rows.items()}
+    cpu = {name: statistics.median(c for _, c in v) for name, v in rows.items()}
+    print(f"median of {args.repeat} runs (all runs' wall seconds in the last column); CPU-s = user + sys")
+    print(f"{'step':<16}{'seconds':>9}{'GB/s':>8}{'x raw':>8}{'x raw+fsync':>13}{'CPU-s':>8}"
+          f"{'CPU x raw+fsync':>17}  runs")
     for name, sec in med.items():
-        runs = " ".join(f"{t:.2f}" for t in rows[name])
+        runs = " ".join(f"{w:.2f}" for w, _ in rows[name])
         print(f"{name:<16}{sec:>9.2f}{gb / sec:>8.2f}{sec / med['raw read+write']:>8.2f}"
-              f"{sec / med['raw + fsync']:>13.2f}  {runs}")
-
+              f"{sec / med['raw + fsync']:>13.2f}{cpu[name]:>8.2f}{cpu[name] / cpu['raw + fsync']:>17.2f}  {runs}")
+    print(" ".join(f"{name}_over_raw_fsync={med[name] / med['raw + fsync']:.2f}" for name in times) + " "
+          + " ".join(f"{name}_cpu_over_raw_fsync={cpu[name] / cpu['raw + fsync']:.2f}" for name in times))
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 For a Llama-shaped model of a few hundred MB, at TP=1 and TP=2 x PP=2 (gloo ranks on this
 machine), times (a) the export alone (buckets drained and dropped on rank 0) and (b) export +
 ``load_weights`` into the CPU rollout engine on rank 0, and sets them beside a plain in-memory
-copy of the same number of bytes on rank 0 (the bound no sync can beat on one machine).
+copy of the same number of bytes on rank 0 (the bound no sync can beat on one machine). The last
+line gives sync GB/s / memcpy GB/s per layout (the goal: at least 0.5, within 2x of the copy).
 
     python benchmarks/weight_sync.py [--layers 8] [--hidden 1024] [--bucket-mb 512] [--repeats 2]
 """
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<12} {r['bytes'] / 1e6:>7.0f} {r['buckets']:>4} {r['peak'] / 1e6:>8.0f} {r['export_s']:>9.3f} "
               f"{r['bytes'] / r['export_s'] / gb:>11.2f} {r['sync_s']:>13.3f} {sync_gbs:>9.2f} {copy_gbs:>11.2f} "
               f"{sync_gbs / copy_gbs:>11.3f}")
+    ratios = {label.replace(" ", ""): (r["bytes"] / r["sync_s"]) / (r["bytes"] / r["copy_s"]) for label, r in rows}
+    print(" ".join(f"sync_over_memcpy[{k}]={v:.2f}" for k, v in ratios.items()))
     return 0
 
 

@@ -144,15 +144,39 @@ def build_stage(config: Any, role: str, dtype: torch.dtype) -> torch.nn.Module:
     from megatron_gad.models.critic import build_critic
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    # Every parameter is overwritten right after (HF tensors or a checkpoint), so the init methods
-    # are no-ops. perform_initialization=False would be faster still, but megatron-core then never
-    # sets the TP attributes (tensor_model_parallel, partition_dim) that sharding relies on.
+    # Every parameter is overwritten right after (HF tensors or a checkpoint), so nothing needs an
+    # initial value. With CPU initialisation megatron-core would still build each TP layer's full
+    # fp32 "master weight", cast it, split it and copy a slice (about half of a conversion's CPU
+    # time); perform_initialization=False skips that, and _set_tp_attributes then sets the TP
+    # attributes megatron-core sets only while initialising. On CUDA the init methods are no-ops.
     no_init = {k: _no_init for k in ("init_method", "output_layer_init_method", "embedding_init_method")}
+    cpu_init = not torch.cuda.is_available()
     args = model_args_from_hf(config)
-    cfg = args.transformer_config(tp, pp, dtype, **no_init)
+    cfg = args.transformer_config(tp, pp, dtype, **no_init, **({"perform_initialization": False} if cpu_init else {}))
     builder = build_actor if role == "actor" else build_critic
     model = builder(cfg, args, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    if cpu_init:
+        _set_tp_attributes(model)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _set_tp_attributes(model: torch.nn.Module) -> None:
+    """Mark the weights of megatron-core's TP layers as its ``_initialize_affine_weight_cpu`` does
+    (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``), for a model built with
+    ``perform_initialization=False``: column-parallel weights and the vocab-parallel embedding
+    are split along dim 0, row-parallel weights along dim 1; the gated ``linear_fc1`` has stride
+    2 (``transformer/mlp.py``), every other layer 1. Column-parallel biases are marked by
+    megatron-core either way. ``tests/convert`` checks the result against a default build."""
+    from megatron.core.tensor_parallel import layers
+
+    split_dim = ((layers.ColumnParallelLinear, 0), (layers.RowParallelLinear, 1), (layers.VocabParallelEmbedding, 0))
+    for name, module in model.named_modules():
+        dim = next((d for cls, d in split_dim if isinstance(module, cls)), None)
+        weight = getattr(module, "weight", None)
+        if dim is None or weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        gated_fc1 = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
+        layers.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=2 if gated_fc1 else 1)
 
 
 def _no_init(weight: Tensor) -> None:
@@ -302,6 +326,16 @@ def hf_tensors_of_stage(model: torch.nn.Module, config: Any, role: str) -> Itera
         yield from hfm.megatron_to_hf_tensors(name, full, config, role)
 
 
+def _writable(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype`` as safetensors writes it: contiguous and alone on its storage. A
+    tensor that already is (a TP=1 parameter, a cast, a TP gather) is written as it is; views
+    that share a storage (gate and up of one fc1, the real rows of a padded vocabulary) are copied."""
+    tensor = tensor.to(dtype)
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def megatron_to_hf(megatron_dir: str, out: str, max_shard_size: str | int | None = "5GB",
                    dtype: torch.dtype | None = None) -> dict:
     """Convert a Megatron checkpoint written by :func:`hf_to_megatron` to an HF directory
@@ -318,7 +352,7 @@ def megatron_to_hf(megatron_dir: str, out: str, max_shard_size: str | int | None
         writer = ShardWriter(tmp, f"part-{ps.get_pipeline_model_parallel_rank():05d}", max_bytes)
         for name, tensor in hf_tensors_of_stage(model, config, meta.role):
             if writer_rank:
-                writer.add(name, tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True))
+                writer.add(name, _writable(tensor, dtype))
         writer.flush()
         files: list = [writer.files]
         if dist.is_initialized():

@@ -59,7 +59,17 @@ class CPURolloutEngine(RolloutEngine):
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
     def load_weights(self, buckets: Iterable[WeightBucket], strict: bool = True) -> None:
-        """Copy each ``(hf_name, tensor)`` into the model's parameter of that name.
+        """Take each ``(hf_name, tensor)`` as the model's parameter of that name.
+
+        A tensor of the parameter's dtype, device and shape that is contiguous becomes the
+        parameter's storage (nothing is copied); any other is copied in. The caller hands over
+        such tensors: it must not change them unless it means the engine to see the change. The
+        exporter yields, at TP=1 in the engine's dtype, views of the live Megatron parameters,
+        so the engine then reads the actor's current weights, copying nothing. That is exactly
+        a copy made at the sync: the trainer changes the actor only in its update (and on a
+        checkpoint load), each followed by a sync before the next generation, and never
+        generates between an update and that sync. A later sync rebinds every parameter to what
+        it yields, so a Megatron parameter given new storage is followed as well.
 
         Consumes ``buckets`` lazily, one bucket at a time. Raises KeyError for an unknown name,
         ValueError for a shape mismatch and, with ``strict``, ValueError listing parameters that
@@ -76,7 +86,10 @@ class CPURolloutEngine(RolloutEngine):
                         f"CPU rollout engine: weight {name!r} has shape {tuple(tensor.shape)}, "
                         f"the model expects {tuple(param.shape)}"
                     )
-                param.copy_(tensor)
+                if tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+                    param.data = tensor.detach()
+                else:
+                    param.copy_(tensor)
                 seen.add(name)
             del bucket
         missing = sorted(set(self._params) - seen)

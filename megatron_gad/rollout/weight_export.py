@@ -4,20 +4,39 @@ Every rank calls :meth:`WeightExporter.buckets` and iterates it to the end. Para
 in one global order (pipeline stage 0's parameters first, each stage in ``named_parameters``
 order); for each one:
 
-1. the TP ranks of the owning pipeline stage all-gather its shards (``models.sharding``),
-2. the full tensor is cast to the inference dtype and, at PP > 1, sent point to point from the
-   owning stage to the destination ranks of its pipeline group (nobody else receives it),
-3. destination ranks (``dst_ranks``, the ranks that feed an engine) convert it with
-   ``models.hf_mapping.megatron_to_hf_tensors`` (QKV split per query group, fc1 -> gate/up, vocab
-   padding removed, the tied output layer skipped) and append it to the current bucket; every
-   other rank drops it at once.
+1. every rank holding it checks its shard is finite (``aminmax``: one pass, no temporary) and
+   casts it to the inference dtype;
+2. the full tensor is assembled on the destination ranks (``dst_ranks``, the ranks that feed an
+   engine) and nowhere else, by one of two transports (``transport``):
+
+   - ``direct`` (what ``auto`` picks on gloo, i.e. CPU ranks): each TP rank of the owning stage
+     hands its shard straight to each destination rank, which puts it into its rows of a
+     preallocated full tensor (``linear_fc1``'s gate and up halves each into their own rows, a
+     row-parallel shard into its columns); a destination copies its own shard in. Nothing is
+     relayed, all-gathered or concatenated. Under ``auto``, when the model-parallel group has
+     one destination rank and lives on one host, shards travel through shared memory
+     (:class:`_ShmLink`: copied into a segment by the sender, out of it by the destination, gloo
+     carrying only counters); otherwise, and with ``direct``, as gloo messages received in place;
+   - ``gather`` (what ``auto`` picks on NCCL): the TP ranks of the owning stage all-gather the
+     shards (``models.sharding``), and at PP > 1 the owning stage sends the full tensor point
+     to point to the destination ranks of its pipeline group;
+
+3. destination ranks convert it with ``models.hf_mapping.megatron_to_hf_tensors`` (the QKV split
+   per query group makes new tensors; fc1's gate/up halves, the vocabulary rows without padding
+   and every other tensor are views, not copies; the tied output layer is skipped) and append
+   it to the current bucket; every other rank drops it at once.
 
 Buckets of about ``bucket_bytes`` are yielded as lists of ``(hf_name, tensor)`` on destination
 ranks only. At most one bucket plus the tensor in flight is alive on a destination rank (tracked
-in :attr:`WeightExporter.stats`), and a sending stage keeps at most about one bucket of sends in
-flight, never the whole model. Non-finite weights raise ModelDivergedError on every rank of the
-model-parallel group once the export has run through. Model-parallel groups without a destination
-rank (other DP replicas) do no communication at all.
+in :attr:`WeightExporter.stats`), and a sending rank keeps at most about one bucket of gloo sends
+(or two shared-memory slots of at most 32 MiB) in flight, never the whole model. Non-finite
+weights raise ModelDivergedError on every rank of the model-parallel group once the export has
+run through. Model-parallel groups without a destination rank (other DP replicas) do no
+communication at all.
+
+Where no gather, cast or split is needed (TP=1 in the parameter's dtype) a yielded tensor is a
+view of the live parameter: nothing is copied, and the CPU engine keeps it as its weight (see
+``CPURolloutEngine.load_weights`` for why that is exactly a copy made at the sync).
 """
 
 from __future__ import annotations
@@ -33,6 +52,11 @@ from torch import Tensor
 from megatron_gad.models import sharding
 from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES, ModelDivergedError, WeightBucket
 
+TRANSPORTS = ("auto", "direct", "gather")
+SHM_DIR = "/dev/shm"
+SHM_SLOT_BYTES = 32 * 1024**2
+"""Bytes of each of the two slots of a shared-memory link (at most ``bucket_bytes``)."""
+
 #: ``convert(global_megatron_name, full_tensor, hf_config, role) -> [(hf_name, tensor), ...]``
 Converter = Callable[[str, Tensor, Any, str], list[tuple[str, Tensor]]]
 
@@ -44,6 +68,8 @@ class ParamMeta:
     name: str
     shape: tuple[int, ...]
     stage: int
+    split_dim: int | None = None
+    """The dimension Megatron splits the parameter along over TP ranks (None: replicated)."""
 
 
 @dataclass
@@ -70,11 +96,19 @@ def _default_converter(name: str, full: Tensor, hf_config: Any, role: str) -> li
     return megatron_to_hf_tensors(name, full, hf_config, role=role)
 
 
-def _owned(t: Tensor) -> Tensor:
-    """``t`` as a contiguous tensor that owns its storage (so the full tensor it views can be freed)."""
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _contiguous(t: Tensor) -> Tensor:
+    """``t`` itself when contiguous (a view is kept: no copy), else a contiguous copy."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _finite(t: Tensor) -> Tensor:
+    """A 0-dim bool tensor, True when every element of ``t`` is finite: its minimum and maximum
+    are (both propagate NaN), one pass without a temporary, several times cheaper than
+    ``isfinite(t).all()``. Stays on ``t``'s device."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def _nbytes(t: Tensor) -> int:
@@ -87,7 +121,9 @@ class WeightExporter:
     ``chunks``: this rank's model chunks (``build_model`` output; one chunk, no virtual pipeline).
     ``dtype``: inference dtype of the exported tensors. ``dst_ranks``: global ranks that receive
     buckets. ``convert``: the Megatron -> HF converter (default ``megatron_to_hf_tensors``).
-    Construct and iterate on every rank.
+    ``transport``: ``"auto"`` (on gloo: direct, through shared memory where the group allows;
+    on NCCL: gather), ``"direct"`` (gloo messages, no shared memory) or ``"gather"``; see the
+    module docstring. Construct and iterate on every rank.
     """
 
     def __init__(
@@ -100,11 +136,14 @@ class WeightExporter:
         dst_ranks: Iterable[int] = (0,),
         role: str = "actor",
         convert: Converter | None = None,
+        transport: str = "auto",
     ) -> None:
         if len(chunks) != 1:
             raise ValueError(f"WeightExporter takes one model chunk per rank, got {len(chunks)}")
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.chunk = chunks[0]
         self.hf_config = hf_config
         self.dtype = dtype
@@ -112,9 +151,13 @@ class WeightExporter:
         self.dst_ranks = frozenset(int(r) for r in dst_ranks)
         self.role = role
         self.convert = convert or _default_converter
+        self.transport = transport
         self.stats = ExportStats()
         self._metas: list[ParamMeta] | None = None
+        self._grid: dict[tuple[int, int], int] | None = None
+        self._links: dict[int, _ShmLink] | None = None
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._first_bad: Tensor | None = None
 
     # ---------------------------------------------------------------- metadata (collective, cached)
     def _skip(self, local_name: str) -> bool:
@@ -122,17 +165,22 @@ class WeightExporter:
         return self._tied and local_name == "output_layer.weight"
 
     def _local_metas(self, stage: int, tp: int) -> list[ParamMeta]:
+        metas = []
+        for name, param in self._local_params():
+            shape = list(param.shape)
+            split = int(param.partition_dim) if sharding.is_tp_sharded(param) and tp > 1 else None
+            if split is not None:
+                shape[split] *= tp
+            metas.append(ParamMeta(name, tuple(shape), stage, split))
+        return metas
+
+    def _local_params(self) -> Iterator[tuple[str, Tensor]]:
+        """This stage's exported parameters in order, under their global names."""
         model = sharding.unwrap(self.chunk)
         offset = sharding.layer_offset(model)
-        metas = []
         for name, param in model.named_parameters():
-            if self._skip(name):
-                continue
-            shape = list(param.shape)
-            if sharding.is_tp_sharded(param) and tp > 1:
-                shape[int(param.partition_dim)] *= tp
-            metas.append(ParamMeta(sharding.global_name(name, offset), tuple(shape), stage))
-        return metas
+            if not self._skip(name):
+                yield sharding.global_name(name, offset), param
 
     def metadata(self) -> list[ParamMeta]:
         """The global export order, gathered once over the pipeline group and cached.
@@ -156,6 +204,22 @@ class WeightExporter:
                 raise RuntimeError("WeightExporter: two pipeline stages export the same parameter name")
         return self._metas
 
+    def _rank_grid(self) -> dict[tuple[int, int], int]:
+        """``(stage, tp_rank) -> global rank`` within this model-parallel group (collective over
+        it the first time, then cached)."""
+        if self._grid is None:
+            from megatron.core import parallel_state as ps
+
+            me = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank())
+            if dist.get_world_size() == 1:
+                entries = [me]
+            else:
+                group = ps.get_model_parallel_group()
+                entries = [None] * dist.get_world_size(group)
+                dist.all_gather_object(entries, me, group=group)
+            self._grid = {(s, t): r for s, t, r in entries}
+        return self._grid
+
     # ---------------------------------------------------------------- export
     def _group_is_active(self) -> bool:
         """True when this rank's model-parallel group (TP x PP) contains a destination rank."""
@@ -166,14 +230,85 @@ class WeightExporter:
         ranks = dist.get_process_group_ranks(ps.get_model_parallel_group())
         return any(r in self.dst_ranks for r in ranks)
 
+    def _direct(self) -> bool:
+        if self.transport == "auto":
+            return dist.get_world_size() == 1 or dist.get_backend() == "gloo"
+        return self.transport == "direct"
+
+    def _shm_links(self) -> dict[int, _ShmLink] | None:
+        """This rank's shared-memory links (peer rank -> link) for the ``auto`` transport on CPU
+        ranks, set up on the first export and kept: each rank makes one segment toward the
+        destination rank, the destination maps it, and the file is unlinked at once (the mappings
+        outlive it; nothing stays in ``/dev/shm``). None (the gloo sends are used) under
+        ``direct``, when the model-parallel group has several destination ranks (one that also
+        sends could then wait on a peer that waits on it), spans several hosts, or ``/dev/shm``
+        is not usable. Collective over the model-parallel group."""
+        if self._links is not None:
+            return self._links or None
+        self._links = {}
+        if self.transport != "auto" or dist.get_world_size() == 1:
+            return None
+        import os
+        import socket
+        import uuid
+
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        ranks = sorted(self._rank_grid().values())
+        dsts = [r for r in ranks if r in self.dst_ranks]
+        if len(dsts) != 1:
+            return None
+        me = dist.get_rank()
+        metas = self.metadata()
+        item = torch.empty((), dtype=self.dtype).element_size()
+        longest_row = max((item * _prod(m.shape[1:]) for m in metas), default=1)
+        slot = max(min(self.bucket_bytes, SHM_SLOT_BYTES), longest_row)
+        slot = -(-slot // _ShmLink.ALIGN) * _ShmLink.ALIGN
+        made: dict[int, str] = {}
+        error = ""
+        try:
+            if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
+                for dst in dsts:
+                    if dst != me:
+                        made[dst] = os.path.join(SHM_DIR, f"mgad-weights-{uuid.uuid4().hex}-{me}-{dst}")
+                        self._links[dst] = _ShmLink(torch.from_file(made[dst], shared=True, size=2 * slot,
+                                                                    dtype=torch.uint8), dst, sending=True)
+            else:
+                error = f"{SHM_DIR} is not a writable directory"
+        except (OSError, RuntimeError) as exc:
+            error = f"cannot create a shared-memory segment in {SHM_DIR}: {exc}"
+        offers: list[Any] = [None] * len(ranks)
+        dist.all_gather_object(offers, (me, socket.gethostname(), made, error), group=group)
+        if not error and me in dsts:
+            try:
+                for src, host, paths, _ in offers:
+                    if src != me:
+                        self._links[src] = _ShmLink(torch.from_file(paths[me], shared=True, size=2 * slot,
+                                                                    dtype=torch.uint8), src, sending=False)
+            except (OSError, RuntimeError, KeyError) as exc:
+                error = f"cannot map a peer's shared-memory segment: {exc}"
+        hosts = {host for _, host, _, _ in offers}
+        if len(hosts) > 1:
+            error = error or f"the model-parallel group spans {len(hosts)} hosts"
+        errors: list[Any] = [None] * len(ranks)
+        dist.all_gather_object(errors, error, group=group)  # every rank has mapped what it maps
+        for path in made.values():
+            os.unlink(path)
+        if any(errors):
+            self._links = {}
+            return None
+        return self._links
+
     def buckets(self) -> Iterator[WeightBucket]:
         """Yield buckets of ``(hf_name, tensor)`` on destination ranks; nothing elsewhere.
 
         Every rank must iterate to exhaustion (the loop contains collectives over the TP and PP
         groups). The consumer should drop each bucket once loaded: the exporter only frees its
-        own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor may
-        share storage with the live parameter: copy it if you keep it past the next optimizer
-        step. Updates :attr:`stats` (``peak_bytes`` counts such views too: an upper bound).
+        own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor is
+        a view of the live parameter: copy it if you keep it past the next optimizer step, or
+        keep it knowingly as a live view (the CPU engine does). Updates :attr:`stats`
+        (``peak_bytes`` counts such views too: an upper bound).
         """
         self.stats = ExportStats()
         if not self._group_is_active():
@@ -184,14 +319,12 @@ class WeightExporter:
         size = 0
         metas = self.metadata()
         # index of the first non-finite tensor held here (len(metas): none), kept on the device
-        first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
-        for index, (meta, full) in enumerate(self._full_tensors()):
-            if full is None:
+        self._first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
+        full_tensors = self._direct_full_tensors() if self._direct() else self._gathered_full_tensors()
+        for meta, full in full_tensors:
+            if full is None or not keep:
                 continue
-            torch.minimum(first_bad, torch.where(torch.isfinite(full).all(), len(metas), index), out=first_bad)
-            if not keep:
-                continue
-            hf = [(n, _owned(t)) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
+            hf = [(n, _contiguous(t)) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
             out_bytes = sum(_nbytes(t) for _, t in hf)
             self._note_alive(size + _nbytes(full) + out_bytes)
             del full
@@ -204,7 +337,12 @@ class WeightExporter:
         if bucket:
             yield self._emit(bucket, size)
         self.stats.seconds = time.perf_counter() - start
-        self._check_finite(first_bad, metas)
+        self._check_finite(self._first_bad, metas)
+
+    def _note_finite(self, index: int, t: Tensor) -> None:
+        """Record parameter ``index`` as the first non-finite one when ``t`` is not finite (no
+        host sync: the flag stays on the device until the end of the export)."""
+        torch.minimum(self._first_bad, torch.where(_finite(t), self._first_bad, index), out=self._first_bad)
 
     @staticmethod
     def _check_finite(first_bad: Tensor, metas: list[ParamMeta]) -> None:
@@ -231,8 +369,91 @@ class WeightExporter:
     def _note_alive(self, nbytes: int) -> None:
         self.stats.peak_bytes = max(self.stats.peak_bytes, nbytes)
 
-    def _full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
-        """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it.
+    def _direct_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
+        """Per parameter in global order: its full tensor in ``dtype`` on destination ranks of
+        this model-parallel group, None elsewhere (the ``direct`` transport).
+
+        Every holder of a shard checks and casts it, then hands it to each destination rank that
+        does not hold it (through a shared-memory link, or as a gloo message); a destination
+        takes each shard into its rows of a preallocated full tensor (a gloo message in place;
+        a row-parallel shard, a block of columns, through a buffer). A replicated parameter
+        comes from the destination's own copy when it is on the owning stage, else from that
+        stage's TP rank 0. Gloo sends are bounded to about one bucket in flight per rank;
+        receives are in the global order, so no rank waits on a peer that waits on it.
+        """
+        from megatron.core import parallel_state as ps
+
+        metas, grid = self.metadata(), self._rank_grid()
+        me = dist.get_rank()
+        stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        tp = ps.get_tensor_model_parallel_world_size()
+        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
+        links = self._shm_links() if dev_is_cpu() else None
+        local = self._local_params()
+        dev = _device()
+        sends: list[tuple[Any, Tensor]] = []
+        in_flight = 0
+        for index, meta in enumerate(metas):
+            shard: Tensor | None = None
+            if meta.stage == stage:
+                name, param = next(local)
+                if name != meta.name:
+                    raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
+                shard = param.detach()
+                self._note_finite(index, shard)
+                shard = _contiguous(shard.to(self.dtype))
+                self._note_alive(_nbytes(shard))
+            holders = [grid[(meta.stage, t)] for t in range(tp)] if meta.split_dim is not None else None
+            full: Tensor | None = None
+            if shard is not None:  # send what destinations elsewhere need from this rank
+                for dst in dsts:
+                    if dst == me:
+                        continue
+                    if holders is None:
+                        on_stage = [grid[(meta.stage, t)] for t in range(tp)]
+                        if dst in on_stage or tp_rank != 0:
+                            continue
+                    for piece in _pieces(meta, shard):
+                        if links is not None:
+                            links[dst].put(piece)
+                            continue
+                        sends.append((dist.isend(piece, dst=dst), piece))
+                        in_flight += _nbytes(piece)
+            if me in dsts:
+                if holders is None:
+                    full = shard if shard is not None else torch.empty(meta.shape, dtype=self.dtype, device=dev)
+                    if shard is None and links is not None:
+                        links[grid[(meta.stage, 0)]].get(full)
+                    elif shard is None:
+                        dist.recv(full, src=grid[(meta.stage, 0)])
+                else:
+                    full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
+                    for t, src in enumerate(holders):
+                        for piece, target in zip(_pieces(meta, shard if src == me else None),
+                                                 _targets(meta, full, tp, t)):
+                            if src == me:
+                                target.copy_(piece)
+                            elif links is not None:
+                                links[src].get(target)
+                            elif target.is_contiguous():
+                                dist.recv(target, src=src)
+                            else:
+                                buf = torch.empty(target.shape, dtype=self.dtype, device=dev)
+                                dist.recv(buf, src=src)
+                                target.copy_(buf)
+                                del buf
+            del shard
+            if in_flight >= self.bucket_bytes:  # bound what a sender runs ahead of its receivers
+                _wait_all(sends)
+                in_flight = 0
+            yield meta, full
+        _wait_all(sends)
+        for link in (links or {}).values():
+            link.close()
+
+    def _gathered_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
+        """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it
+        (the ``gather`` transport).
 
         Collective: TP all-gather on the owning stage, then, at PP > 1, a point-to-point send
         from the owning stage's rank to each destination rank of this pipeline group (no other
@@ -240,24 +461,23 @@ class WeightExporter:
         """
         from megatron.core import parallel_state as ps
 
-        from megatron_gad.runtime.distributed import device
-
         metas = self.metadata()
         me, stage = dist.get_rank(), ps.get_pipeline_model_parallel_rank()
         pp = ps.get_pipeline_model_parallel_world_size()
         pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else [me]
         dsts = [r for r in pp_ranks if r in self.dst_ranks]
         local = sharding.full_tensors(self.chunk, skip=self._skip)
-        dev = device()
+        dev = _device()
         sends: list[tuple[Any, Tensor]] = []  # in flight: (work, tensor kept alive until done)
         in_flight = 0
-        for meta in metas:
+        for index, meta in enumerate(metas):
             full: Tensor | None = None
             owner = pp_ranks[meta.stage]
             if meta.stage == stage:
                 name, gathered = next(local)
                 if name != meta.name:
                     raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
+                self._note_finite(index, gathered)
                 full = gathered.to(self.dtype).contiguous()
                 self._note_alive(_nbytes(full))
                 for dst in dsts:
@@ -272,6 +492,136 @@ class WeightExporter:
                 dist.recv(full, src=owner)
             yield meta, full
         _wait_all(sends)
+
+
+class _ShmLink:
+    """One sender -> one destination channel through a shared-memory segment (ranks on one host).
+
+    The segment has two slots of ``slot_bytes``; messages are split along dim 0 into pieces that
+    fit a slot and packed into the slots in turn (64-byte aligned), by the same rule on both
+    ends, so only counters travel over gloo: after each piece the sender posts how many pieces
+    it has written, after copying each out the destination posts how many it has read, and the
+    sender reuses a slot only once every piece of the round before last was read. Pieces are
+    announced and acknowledged one by one, never held back, so a rank that is destination and
+    sender at once cannot wait on a peer that waits on it. Each byte is copied twice (into the
+    segment, and out of it into its place), with no socket in between.
+    """
+
+    ALIGN = 64
+    WRITTEN, READ = 71, 72
+    """gloo tags of the two counters (two links may join the same pair of ranks, one each way)."""
+
+    def __init__(self, segment: Tensor, peer: int, sending: bool) -> None:
+        self.slots = segment.chunk(2)
+        self.slot_bytes = self.slots[0].numel()
+        self.peer, self.sending = peer, sending
+        self._works: list[tuple[Any, Tensor]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.round, self.offset = 0, 0
+        self.done = 0  # pieces written (sender) or read (destination)
+        self.seen = 0  # pieces the peer has read (sender) or written (destination)
+        self.round_ends: list[int] = []  # sender: pieces written up to the end of each full round
+
+    def _pieces(self, t: Tensor) -> list[Tensor]:
+        """``t`` (a message, or the place it lands) in pieces along dim 0 that fit one slot."""
+        if t.dim() == 0 or t.numel() == 0:
+            return [t]
+        rows = max(1, self.slot_bytes // max(1, _nbytes(t) // t.shape[0]))
+        return list(t.split(rows, dim=0))
+
+    def _place(self, nbytes: int) -> Tensor:
+        """Claim ``nbytes`` in the current slot, moving to the next round when they do not fit."""
+        if self.offset and self.offset + nbytes > self.slot_bytes:
+            self.round_ends.append(self.done)
+            self.round, self.offset = self.round + 1, 0
+            if self.sending and self.round >= 2:  # the slot is reused: its last round must be read
+                self._wait_read(self.round_ends[self.round - 2])
+        region = self.slots[self.round % 2].narrow(0, self.offset, nbytes)
+        self.offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        return region
+
+    def _post(self) -> None:
+        note = torch.tensor([self.done])
+        tag = self.WRITTEN if self.sending else self.READ
+        self._works.append((dist.isend(note, dst=self.peer, tag=tag), note))
+
+    def _wait_peer(self, count: int) -> None:
+        """Block until the peer's counter reaches ``count``."""
+        buf = torch.empty(1, dtype=torch.int64)
+        tag = self.READ if self.sending else self.WRITTEN
+        while self.seen < count:
+            dist.recv(buf, src=self.peer, tag=tag)
+            self.seen = int(buf)
+
+    _wait_read = _wait_peer
+
+    def put(self, message: Tensor) -> None:
+        """Sender: copy ``message`` (contiguous) into the segment and announce it."""
+        for piece in self._pieces(message):
+            if _nbytes(piece):
+                self._place(_nbytes(piece)).view(piece.dtype).view(piece.shape).copy_(piece)
+                self.done += 1
+                self._post()
+
+    def get(self, target: Tensor) -> None:
+        """Destination: copy the next message out of the segment into ``target`` (any strides)."""
+        for piece in self._pieces(target):
+            if _nbytes(piece):
+                region = self._place(_nbytes(piece))
+                self._wait_peer(self.done + 1)
+                piece.copy_(region.view(piece.dtype).view(piece.shape))
+                self.done += 1
+                self._post()
+
+    def close(self) -> None:
+        """End of one export: the sender waits until everything it wrote was read; both ends
+        complete their posts and start the next export from the first slot."""
+        if self.sending:
+            self._wait_read(self.done)
+        for work, _ in self._works:
+            work.wait()
+        self._works.clear()
+        self._reset()
+
+
+def _is_fc1(name: str) -> bool:
+    return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+
+
+def _pieces(meta: ParamMeta, shard: Tensor | None) -> list[Tensor | None]:
+    """The messages one TP rank's shard travels in: the shard whole, or fc1's ``[gate_t; up_t]``
+    as its two halves (each lands in its own rows). ``shard`` None: one None per message."""
+    count = 2 if _is_fc1(meta.name) and meta.split_dim is not None else 1
+    if shard is None:
+        return [None] * count
+    return list(shard.chunk(2, dim=meta.split_dim)) if count == 2 else [shard]
+
+
+def _targets(meta: ParamMeta, full: Tensor, tp: int, t: int) -> list[Tensor]:
+    """Where TP rank ``t``'s messages land in the full tensor (views, in :func:`_pieces` order):
+    rows ``t`` of ``tp`` (contiguous), fc1's gate and up rows of rank ``t``, or columns ``t``
+    of ``tp`` of a row-parallel weight (not contiguous)."""
+    dim = meta.split_dim
+    if _is_fc1(meta.name):
+        half = full.shape[dim] // 2
+        per = half // tp
+        return [full.narrow(dim, t * per, per), full.narrow(dim, half + t * per, per)]
+    per = full.shape[dim] // tp
+    return [full.narrow(dim, t * per, per)]
+
+
+def _prod(shape: Iterable[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= int(n)
+    return out
+
+
+def dev_is_cpu() -> bool:
+    """True when this process computes on the CPU (the shared-memory links carry host tensors)."""
+    return _device().type == "cpu"
 
 
 def _device() -> torch.device:

@@ -183,3 +183,34 @@ def test_critic_from_causal_lm_with_new_score_head(tmp_path) -> None:
     assert set(got) == set(src) | {"score.weight"}
     assert all(torch.equal(got[k], src[k]) for k in src)
     assert got["score.weight"].shape == (1, 64) and 0.01 < got["score.weight"].std() < 0.03
+
+
+def _tp_attributes(hf_dir: str) -> list[bool]:
+    """Per role: the converter's build (no initialisation, TP attributes set afterwards) marks
+    every parameter exactly as megatron-core's own initialising build does."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_gad.convert import build_stage, read_hf_config
+    from megatron_gad.models.actor import build_actor
+    from megatron_gad.models.critic import build_critic
+    from megatron_gad.models.transformer import model_args_from_hf, transformer_config_from_hf
+
+    config = read_hf_config(hf_dir)
+    keys = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    same = []
+    for role, builder in (("actor", build_actor), ("critic", build_critic)):
+        cfg = transformer_config_from_hf(config, tp=2, pp=1, params_dtype=torch.float32)
+        reference = builder(cfg, model_args_from_hf(config), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+        ours = build_stage(config, role, torch.float32)
+        marks = [{n: tuple(getattr(p, k, None) for k in keys) for n, p in m.named_parameters()} for m in (reference, ours)]
+        assert any(v[0] for v in marks[0].values())  # the reference build has TP-split weights at all
+        same.append(marks[0] == marks[1])
+    return same
+
+
+def test_uninitialised_build_marks_tp_shards_like_megatron(tmp_path) -> None:
+    """The converters skip megatron-core's CPU weight initialisation (every parameter is
+    overwritten); the TP attributes sharding and checkpoints rely on must still be exactly
+    megatron-core's (QKV bias, gated fc1 with stride 2, row-parallel, vocab-parallel)."""
+    hf_dir = make_hf_dir(str(tmp_path / "hf"), "qwen2", False)
+    assert run_distributed(_tp_attributes, 2, tp=2, args=(hf_dir,)) == [[True, True], [True, True]]

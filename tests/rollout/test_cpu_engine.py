@@ -147,7 +147,10 @@ def sync_and_step(arch: str, tied: bool) -> dict:
         meg, _ = megatron_logprobs(chunks, rep_ids, rep_mask, sampled, 0.8, VOCAB)
         greedy = engine.generate(ids, mask, n=1, greedy=True)
         meg_greedy, argmax = megatron_logprobs(chunks, ids, mask, greedy, 1.0, VOCAB)
+        megatron_storage = {p.untyped_storage().data_ptr() for p in chunks[0].parameters()}
+        shared = {n for n, p in engine.model.named_parameters() if p.untyped_storage().data_ptr() in megatron_storage}
         out[phase] = {
+            "shared": shared, "hf_names": {n for n, _ in engine.model.named_parameters()},
             "sampled": logprob_agreement(sampled.rollout_log_probs, meg, sampled.response_mask),
             "greedy": logprob_agreement(greedy.rollout_log_probs, meg_greedy, greedy.response_mask),
             "argmax_match": bool(((argmax == greedy.responses) | (greedy.response_mask == 0)).all()),
@@ -182,6 +185,10 @@ def test_rollout_logprobs_agree_with_megatron_before_and_after_a_step(arch: str,
         assert r["sampled"]["rollout/logprob_abs_diff_max"] < 1e-4, f"{phase}: {r['sampled']}"
         assert r["greedy"]["rollout/logprob_abs_diff_max"] < 1e-4, f"{phase}: {r['greedy']}"
         assert r["argmax_match"], f"{phase}: greedy tokens are not the Megatron argmax"
+        # TP=1, fp32 both sides: the engine reads the live Megatron parameters; only the q/k/v
+        # split of the fused QKV (and its bias) is a copy
+        copied = {n for n in r["hf_names"] if any(f"self_attn.{x}_proj." in n for x in "qkv")}
+        assert r["shared"] == r["hf_names"] - copied, f"{phase}: {sorted(r['hf_names'] - copied - r['shared'])}"
     assert not torch.equal(res["before"]["greedy_tokens"], res["after"]["greedy_tokens"]), \
         "the optimizer step + sync did not change the engine's greedy output"
 

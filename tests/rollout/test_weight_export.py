@@ -45,7 +45,8 @@ def _build(hf_config):
     return build_model(lambda pre, post: build_actor(cfg, args, pre, post), cfg)
 
 
-def export_rank(hf_config, ckpt: str, save: bool, dst_ranks: tuple, bucket_bytes: int, dtype) -> dict:
+def export_rank(hf_config, ckpt: str, save: bool, dst_ranks: tuple, bucket_bytes: int, dtype,
+                transport: str = "auto") -> dict:
     """Per rank: build, save or load the checkpoint, export; return what this rank received."""
     import torch.distributed as dist
 
@@ -56,7 +57,8 @@ def export_rank(hf_config, ckpt: str, save: bool, dst_ranks: tuple, bucket_bytes
 
     chunks = _build(hf_config)
     (save_model if save else load_model)(chunks, ckpt)
-    exporter = WeightExporter(chunks, hf_config, dtype=dtype, bucket_bytes=bucket_bytes, dst_ranks=dst_ranks)
+    exporter = WeightExporter(chunks, hf_config, dtype=dtype, bucket_bytes=bucket_bytes, dst_ranks=dst_ranks,
+                              transport=transport)
     got: dict[str, torch.Tensor] = {}
     buckets = []
     for bucket in exporter.buckets():
@@ -76,8 +78,14 @@ def export_rank(hf_config, ckpt: str, save: bool, dst_ranks: tuple, bucket_bytes
 LAYOUTS = [(2, 1, 2, (0,)), (1, 2, 2, (0,)), (2, 2, 4, (0, 3)), (1, 2, 4, (0,))]  # tp, pp, world, dst_ranks
 
 
-@pytest.mark.parametrize("arch,tied", [("qwen2", False), ("llama", True)], ids=["qwen2-untied", "llama-tied"])
-def test_export_equals_tp1_conversion_at_every_layout(arch: str, tied: bool, tmp_path) -> None:
+@pytest.mark.parametrize("arch,tied,transport", [("qwen2", False, "auto"), ("llama", True, "auto"),
+                                                 ("qwen2", False, "direct"), ("qwen2", False, "gather")],
+                         ids=["qwen2-untied-auto", "llama-tied-auto", "qwen2-untied-direct", "qwen2-untied-gather"])
+def test_export_equals_tp1_conversion_at_every_layout(arch: str, tied: bool, transport: str, tmp_path) -> None:
+    """Every transport delivers exactly the TP=1 conversion at every layout: ``auto`` on these
+    gloo ranks (shards through shared memory with one destination rank, gloo sends with two;
+    the 4 KB buckets make the shared-memory links run many rounds), ``direct`` (gloo sends
+    straight to the destinations) and ``gather`` (TP all-gather, then a PP send)."""
     from transformers import AutoModelForCausalLM
 
     hf_config = tiny_hf_config(arch, tied)
@@ -91,7 +99,8 @@ def test_export_equals_tp1_conversion_at_every_layout(arch: str, tied: bool, tmp
         assert torch.equal(ref["got"][name], t), f"TP1 export differs from megatron_to_hf: {name}"
     # The tied case matters where the output layer copy lives on another stage: PP layouts only.
     for tp, pp, world, dst in (LAYOUTS[1:3] if tied else LAYOUTS):
-        results = run_distributed(export_rank, world, tp=tp, pp=pp, args=(hf_config, ckpt, False, dst, 4096, torch.bfloat16))
+        results = run_distributed(export_rank, world, tp=tp, pp=pp,
+                                  args=(hf_config, ckpt, False, dst, 4096, torch.bfloat16, transport))
         for res in results:
             label = f"tp={tp} pp={pp} world={world} rank={res['rank']}"
             if res["rank"] not in dst:
