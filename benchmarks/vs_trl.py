@@ -75,8 +75,13 @@ def ensure_demo() -> None:
 
 # ----------------------------------------------------------------------------- our side
 def our_overrides(run_dir: str, steps: int) -> list[str]:
-    """examples/configs/gspo.yaml set to the shared workload."""
+    """examples/configs/gspo.yaml set to the shared workload (the demo's standard-mode data and student)."""
     return [
+        f"data.train_files={os.path.join(DEMO, 'train_standard.parquet')}",
+        f"actor_rollout_ref.model.path={os.path.join(DEMO, 'student')}",
+        f"actor_rollout_ref.model.tokenizer_path={os.path.join(DEMO, 'tokenizer')}",
+        f"custom_reward_function.path={os.path.join(REPO, 'megatron_gad', 'data', 'demo.py')}",
+        "custom_reward_function.name=demo_reward",  # the function TRL's side calls
         f"data.train_batch_size={PROMPTS_PER_STEP}", f"data.max_prompt_length={MAX_PROMPT}",
         f"data.max_response_length={MAX_RESPONSE}", "actor_rollout_ref.rollout.name=cpu",
         f"actor_rollout_ref.rollout.n={N}", "actor_rollout_ref.rollout.temperature=1.0",
