@@ -133,6 +133,9 @@ def worker_trl(out_path: str, run_dir: str, steps: int, gradient_checkpointing: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    # demo.py needs megatron_gad.errors and megatron_gad.io (stdlib only); loaded by path, it
+    # does not import megatron_gad.data (nor torch-side code of this checkout)
+    sys.path.insert(0, REPO)
     spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "megatron_gad", "data", "demo.py"))
     demo = importlib.util.module_from_spec(spec)
     sys.modules["demo"] = demo
