@@ -103,6 +103,7 @@ def worker_ours(out_path: str, overrides: list[str]) -> None:
     training step."""
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "examples"))
+    import pretrain_gad  # first, as `python examples/pretrain_gad.py` starts (its import-time set-up)
     from megatron_gad import trainer as trainer_mod
 
     steps: list[tuple[float, float]] = []
@@ -115,8 +116,6 @@ def worker_ours(out_path: str, overrides: list[str]) -> None:
         return result
 
     trainer_mod.Trainer.train_step = timed_step
-    import pretrain_gad
-
     rc = pretrain_gad.main(["--config", os.path.join(REPO, "examples", "configs", "gspo.yaml"), *overrides])
     if rc != 0:
         raise SystemExit(f"our side failed (exit {rc})")

@@ -15,6 +15,10 @@ import argparse
 import os
 import sys
 
+from megatron_gad.runtime.cpu_shims import skip_jit_fuser
+
+skip_jit_fuser()  # first, before anything imports megatron-core: on CPU its fused functions never run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
 
