@@ -110,7 +110,8 @@ class CPURolloutEngine(RolloutEngine):
         # no result and shortens every attention over the KV cache
         ids = prompt_ids[:, first:].to(self.device).repeat_interleave(n, dim=0)
         mask = prompt_mask[:, first:].to(self.device).long().repeat_interleave(n, dim=0)
-        tokens, logps, done_at = self._decode(ids, mask, greedy, gen)
+        with torch.inference_mode():  # less bookkeeping per op than no_grad; _finish's results are plain tensors
+            tokens, logps, done_at = self._decode(ids, mask, greedy, gen)
         return self._finish(tokens, logps, done_at)
 
     def _decode(self, ids: Tensor, mask: Tensor, greedy: bool, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
