@@ -75,8 +75,13 @@ def ensure_demo() -> None:
 
 # ----------------------------------------------------------------------------- our side
 def our_overrides(run_dir: str, steps: int) -> list[str]:
-    """examples/configs/gspo.yaml set to the shared workload."""
+    """examples/configs/gspo.yaml set to the shared workload (the demo's standard-mode data and student)."""
     return [
+        f"data.train_files={os.path.join(DEMO, 'train_standard.parquet')}",
+        f"actor_rollout_ref.model.path={os.path.join(DEMO, 'student')}",
+        f"actor_rollout_ref.model.tokenizer_path={os.path.join(DEMO, 'tokenizer')}",
+        f"custom_reward_function.path={os.path.join(REPO, 'megatron_gad', 'data', 'demo.py')}",
+        "custom_reward_function.name=demo_reward",  # the function TRL's side calls
         f"data.train_batch_size={PROMPTS_PER_STEP}", f"data.max_prompt_length={MAX_PROMPT}",
         f"data.max_response_length={MAX_RESPONSE}", "actor_rollout_ref.rollout.name=cpu",
         f"actor_rollout_ref.rollout.n={N}", "actor_rollout_ref.rollout.temperature=1.0",
@@ -98,6 +103,7 @@ def worker_ours(out_path: str, overrides: list[str]) -> None:
     training step."""
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "examples"))
+    import pretrain_gad  # first, as `python examples/pretrain_gad.py` starts (its import-time set-up)
     from megatron_gad import trainer as trainer_mod
 
     steps: list[tuple[float, float]] = []
@@ -110,8 +116,6 @@ def worker_ours(out_path: str, overrides: list[str]) -> None:
         return result
 
     trainer_mod.Trainer.train_step = timed_step
-    import pretrain_gad
-
     rc = pretrain_gad.main(["--config", os.path.join(REPO, "examples", "configs", "gspo.yaml"), *overrides])
     if rc != 0:
         raise SystemExit(f"our side failed (exit {rc})")
@@ -128,6 +132,9 @@ def worker_trl(out_path: str, run_dir: str, steps: int, gradient_checkpointing: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    # demo.py needs megatron_gad.errors and megatron_gad.io (stdlib only); loaded by path, it
+    # does not import megatron_gad.data (nor torch-side code of this checkout)
+    sys.path.insert(0, REPO)
     spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "megatron_gad", "data", "demo.py"))
     demo = importlib.util.module_from_spec(spec)
     sys.modules["demo"] = demo

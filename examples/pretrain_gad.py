@@ -15,6 +15,10 @@ import argparse
 import os
 import sys
 
+from megatron_gad.runtime.cpu_shims import skip_jit_fuser
+
+skip_jit_fuser()  # first, before anything imports megatron-core: on CPU its fused functions never run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
 
@@ -53,6 +57,9 @@ def main(argv: list[str]) -> int:
                   f"[megatron_gad] {config_summary(cfg, int(os.environ.get('WORLD_SIZE', '1')))} "
                   "(full config: <run dir>/config.yaml, or trainer.print_config=true)", flush=True)
         run(cfg)
+        import gc
+
+        gc.freeze()  # the process ends here: the collection at exit need not scan what exit frees (~1 CPU-s)
     except (UserError, TrainingStopped) as exc:  # a bad input, or a run stopped on purpose; others keep their traceback
         report_worker_error(exc)
         return 2

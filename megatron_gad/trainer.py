@@ -20,6 +20,7 @@ its output with the rest of its model-parallel group.
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import math
 import os
@@ -502,10 +503,15 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     start = time.time()
     try:
         trainer = Trainer(cfg)
+        # The set-up's survivors (modules, models, data) live through training: frozen, no collection
+        # during the steps scans them (the set-up's own garbage is collected first; thawed after).
+        gc.collect()
+        gc.freeze()
         metrics = trainer.fit()
         if trainer.stopped_by is None:
             resumed = f" (resumed at step {trainer.first_step}, now at {trainer.step})" if trainer.first_step else ""
             trainer._log0(f"finished {trainer.step - trainer.first_step} steps{resumed} in {time.time() - start:.0f}s")
         return metrics
     finally:
+        gc.unfreeze()
         destroy_distributed()

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron_gad.engine.batch import PolicyBatch, SequenceBatch, SftBatch, permutation, shuffled, split_rows, take_rows
+from megatron_gad.engine.batch import (PolicyBatch, SequenceBatch, SftBatch, by_length, permutation, shuffled, split_rows,
+                                       take_rows)
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.engine import RoleEngine
 from megatron_gad.engine.forward_step import collect_log_probs, policy_loss_func, sft_loss_func
@@ -79,7 +80,7 @@ class ActorEngine(RoleEngine):
         for epoch in range(self.settings.ppo_epochs):
             rows = shuffled(batch, shuffle_seed * _SHUFFLE_SEEDS_PER_STEP + epoch) if self.settings.shuffle else batch
             for mini in split_rows(rows, size, "actor mini-batch size (local sequences)"):
-                results.append(self._policy_step(mini, temperature))
+                results.append(self._policy_step(mini, temperature)[0])
         return mean_metrics(results)
 
     def update_on_policy(self, batch: PolicyBatch, *, temperature: float,
@@ -99,21 +100,36 @@ class ActorEngine(RoleEngine):
         perm = permutation(batch.rows, shuffle_seed * _SHUFFLE_SEEDS_PER_STEP) if self.settings.shuffle else None
         rows = take_rows(batch, perm) if perm is not None else batch
         out: list[Tensor] = []
-        metrics = self._policy_step(rows, temperature, out)
+        metrics, order = self._policy_step(rows, temperature, out)
         both = self.share_outputs(out, (batch.rows, batch.seq.response_mask.shape[1], 2))
+        if order is not None:  # back to the order of ``rows``
+            both = torch.empty_like(both).index_copy_(0, order, both)
         if perm is not None:  # back to the batch's row order
             both = torch.empty_like(both).index_copy_(0, perm, both)
         return metrics, both[..., 0], both[..., 1]
 
-    def _policy_step(self, mini: PolicyBatch, temperature: float, out: list[Tensor] | None = None) -> dict[str, float]:
+    def _policy_step(self, mini: PolicyBatch, temperature: float,
+                     out: list[Tensor] | None = None) -> tuple[dict[str, float], Tensor | None]:
+        """One optimizer step over ``mini``; returns its metrics and the row order the
+        micro-batches took (None: ``mini``'s own), which ``out`` follows.
+
+        With one pipeline stage and several micro-batches, the rows go into micro-batches by
+        response length, then prompt length: each micro-batch is cut to its own longest row, so
+        fewer padding positions are computed. The loss shares use the mini-batch's normaliser,
+        so the step does not depend on which rows share a micro-batch."""
         s = self.settings
-        micro = split_rows(mini, s.ppo_micro_batch_size_per_gpu, "actor.ppo_micro_batch_size_per_gpu")
+        size = s.ppo_micro_batch_size_per_gpu
+        order = None
+        if self.own_shapes() and 0 < size < mini.rows:
+            order = by_length(mini.seq)
+            mini = take_rows(mini, order)
+        micro = split_rows(mini, size, "actor.ppo_micro_batch_size_per_gpu")
         normalizer = global_count(agg_normalizer(mini.seq.response_mask, s.loss_agg_mode))
         names = _POLICY_METRICS + (("actor/kl_loss",) if s.use_kl_loss else ())
         acc = MetricAccumulator(names)
         loss_func = functools.partial(policy_loss_func, s, temperature, self.args.vocab, normalizer,
                                       self.loss_scale(len(micro)), acc, out=out)
-        return self.train_step(micro, loss_func, acc, "actor")
+        return self.train_step(micro, loss_func, acc, "actor"), order
 
     def sft_update(self, batch: SftBatch, micro_batch_size: int | None = None) -> dict[str, float]:
         """One optimizer step of token-mean NLL over ``batch.loss_mask`` tokens (the generator

@@ -197,6 +197,14 @@ def permutation(rows: int, seed: int) -> Tensor:
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
 
 
+def by_length(seq: SequenceBatch) -> Tensor:
+    """The row order by response length, then prompt length (int64 ``[B]``, stable): rows of
+    similar lengths become neighbours, so consecutive micro-batches need fewer padding columns."""
+    response = seq.response_mask.sum(1).long()
+    prompt = seq.attention_mask[:, :seq.prompt_length].sum(1).long()
+    return torch.sort(response * (seq.prompt_length + 1) + prompt, stable=True).indices
+
+
 def split_rows(batch: B, size: int, what: str) -> list[B]:
     """Split into consecutive pieces of ``size`` rows; ``what`` names the setting in the error."""
     rows = batch.rows

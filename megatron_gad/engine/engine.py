@@ -85,11 +85,16 @@ class RoleEngine:
         gradients are accumulated and finalised (DP all-reduce, tied-embedding sync) in the
         ``main_grad`` buffers. Columns that are padding in every row are cut first
         (:func:`~megatron_gad.engine.batch.trim_padding`): outputs per response token reach
-        ``loss_func`` as wide as the longest response of these micro-batches."""
+        ``loss_func`` as wide as the longest response of these micro-batches, or, with one
+        pipeline stage (no activations are sent between stages, so shapes may differ), of each
+        micro-batch alone."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro_batches = trim_padding(micro_batches)
-        rows, seq_length = model_inputs(micro_batches[0])[0].shape
+        if self.own_shapes():
+            micro_batches = [trim_padding([m])[0] for m in micro_batches]
+        else:
+            micro_batches = trim_padding(micro_batches)
+        rows, seq_length = model_inputs(micro_batches[0])[0].shape  # unused by the schedule at PP = 1
 
         for chunk in self.chunks:
             chunk.train(not forward_only)
@@ -100,6 +105,12 @@ class RoleEngine:
                 num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=rows,
                 forward_only=forward_only,
             )
+
+    @staticmethod
+    def own_shapes() -> bool:
+        """Each micro-batch may keep its own shape: one pipeline stage (Megatron's schedule sends
+        activations of one fixed shape between stages)."""
+        return _ps().get_pipeline_model_parallel_world_size() == 1
 
     def infer(self, batch: Any, collect: Callable, micro_batch_size: int, what: str,
               out_shape: tuple[int, ...]) -> Tensor:
@@ -119,10 +130,8 @@ class RoleEngine:
         """The last stage's per-micro-batch results ``out``, concatenated (float32
         ``out_shape``; per-response-token results padded back to the untrimmed width), on EVERY
         stage, on the CPU."""
-        if self.is_last_stage():
-            result = torch.cat(out).float()
-            if result.dim() > 1:  # per response token: back to the untrimmed width
-                result = pad_responses(result, out_shape[1])
+        if self.is_last_stage():  # per response token: each piece back to the untrimmed width
+            result = torch.cat([pad_responses(piece, out_shape[1]) if piece.dim() > 1 else piece for piece in out]).float()
         else:
             result = torch.zeros(out_shape, dtype=torch.float32, device=device())
         return broadcast_from_last_stage(result).cpu()

@@ -6,13 +6,14 @@ functions here turn them into per-token quantities over the REAL vocabulary:
 
 * the temperature divides the logits before the softmax (``z = logits / T``), as the rollout
   engine samples;
-* columns with a global id ``>= vocab_size`` (vocab padding) are excluded: they get a logit of
-  ``finfo(float32).min``, so their probability is exactly 0 and they receive no gradient;
+* columns with a global id ``>= vocab_size`` (vocab padding) are excluded: their probability
+  is exactly 0 and they receive no gradient (a shard's padding columns are not computed at all;
+  a shard of padding only holds its columns at ``finfo(float32).min``);
 * all math is fp32, whatever the logits' dtype; three all-reduces over the TP group per call
   (max, sum of exp, and the target logit / ``sum e * z``, batched into one).
 
-One fused autograd function computes both outputs and keeps a single ``[B, S, V_pad / TP]`` fp32
-tensor (the log-softmax) for the backward, which needs no communication. Called on the LAST
+One fused autograd function computes both outputs and keeps a single ``[B, S, V_real / TP]``
+fp32 tensor (the log-softmax over this shard's real columns) for the backward, which needs no communication. Called on the LAST
 pipeline stage by every TP rank of that stage, in lockstep (collectives). Without Megatron's
 parallel state (or with TP = 1) no collective is issued.
 """
@@ -54,16 +55,20 @@ class _LogProbEntropy(torch.autograd.Function):
         group, rank, _ = _tp_group()
         local_vocab = logits.shape[-1]
         start = rank * local_vocab
-        z = logits.float() / temperature  # a fresh tensor: every in-place op below is safe
         n_real = min(max(vocab_size - start, 0), local_vocab)
-        if n_real < local_vocab:
-            z[..., n_real:] = _MASKED_LOGIT
+        width = n_real if n_real > 0 else local_vocab  # the columns computed on this rank
+        # a fresh tensor: every in-place op below is safe. The padding columns of a shard that
+        # holds real ones are left out (their probability is exactly 0); a shard of padding
+        # only keeps its columns at the masked logit, so the collectives see every rank alike.
+        z = logits[..., :width].float() / temperature
+        if n_real == 0:
+            z.fill_(_MASKED_LOGIT)
         z_max = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, group)
         z -= z_max.unsqueeze(-1)
         exp = torch.exp(z)
         local = labels - start
         in_shard = (local >= 0) & (local < local_vocab)
-        target = z.gather(-1, local.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1)
+        target = z.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
         target = torch.where(in_shard, target, torch.zeros_like(target))
         sums = torch.stack([exp.sum(-1), (exp * z).sum(-1), target])
         _all_reduce(sums, dist.ReduceOp.SUM, group)
@@ -75,6 +80,7 @@ class _LogProbEntropy(torch.autograd.Function):
         ctx.save_for_backward(z, local, in_shard, entropy)
         ctx.temperature = temperature
         ctx.n_real = n_real
+        ctx.local_vocab = local_vocab
         ctx.logits_dtype = logits.dtype
         return log_prob, entropy
 
@@ -94,8 +100,11 @@ class _LogProbEntropy(torch.autograd.Function):
         if grad_log_prob is not None:
             onehot_val = torch.where(in_shard, grad_log_prob.float(), torch.zeros_like(coeff))
             grad.scatter_add_(-1, local.clamp(0, grad.shape[-1] - 1).unsqueeze(-1), onehot_val.unsqueeze(-1))
-        grad[..., ctx.n_real:] = 0.0  # padding: p = 0, but 0 * (huge log p) may be nan
         grad = grad / ctx.temperature
+        if ctx.n_real == 0:
+            grad.zero_()  # padding only: p = 0, but 0 * (huge log p) may be nan
+        elif ctx.n_real < ctx.local_vocab:  # the padding columns left out of the forward get 0
+            grad = torch.nn.functional.pad(grad, (0, ctx.local_vocab - ctx.n_real))
         return grad.to(ctx.logits_dtype), None, None, None
 
 

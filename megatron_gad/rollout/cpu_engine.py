@@ -1,5 +1,6 @@
 """CPU rollout engine: a transformers causal LM updated in place from the exporter, sampled with
-its own KV-cached loop.
+its own KV-cached loop (a static cache allocated once per call at its final length, eager
+attention under our own additive mask).
 
 Sampling per step: logits (float32, real vocab) -> divide by ``temperature`` -> keep the ``top_k``
 largest -> keep the smallest set of tokens whose probability reaches ``top_p`` -> renormalise ->
@@ -29,6 +30,11 @@ from megatron_gad.rollout.base import (
 )
 
 
+#: The rollout model's attention: transformers' eager (matmul, additive mask, softmax, matmul)
+#: costs less than torch's CPU SDPA kernel for the one-query decode steps of small models.
+_ATTN = {"attn_implementation": "eager"}
+
+
 class CPURolloutEngine(RolloutEngine):
     """Rollout engine on a float32 transformers ``AutoModelForCausalLM`` (any device, CPU by default).
 
@@ -43,7 +49,7 @@ class CPURolloutEngine(RolloutEngine):
         self.cfg = cfg
         self.tokens = tokens
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **_ATTN).to(self.device).eval()
         self.vocab_size = int(hf_config.vocab_size)
         self._params = dict(self.model.named_parameters())
         self.loaded = False
@@ -52,6 +58,7 @@ class CPURolloutEngine(RolloutEngine):
         # the prefill needs the logits of the last prompt position only
         self._last_logits_only = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters
                                   else {})
+        self._takes_cache_position = "cache_position" in inspect.signature(self.model.forward).parameters
 
     def _cache_of(self, out: Any) -> Any:
         return getattr(out, self._cache_kw)
@@ -116,21 +123,41 @@ class CPURolloutEngine(RolloutEngine):
         # no result and shortens every attention over the KV cache
         ids = prompt_ids[:, first:].to(self.device).repeat_interleave(n, dim=0)
         mask = prompt_mask[:, first:].to(self.device).long().repeat_interleave(n, dim=0)
-        tokens, logps, done_at = self._decode(ids, mask, greedy, gen)
+        with torch.inference_mode():  # less bookkeeping per op than no_grad; _finish's results are plain tensors
+            tokens, logps, done_at = self._decode(ids, mask, greedy, gen)
         return self._finish(tokens, logps, done_at)
 
     def _decode(self, ids: Tensor, mask: Tensor, greedy: bool, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """The KV-cached loop. Returns tokens [N, T], log-probs [N, T], and per row the number of
-        valid tokens (T where no EOS was sampled)."""
-        rows, limit = ids.shape[0], self.cfg.response_length
+        valid tokens (T where no EOS was sampled).
+
+        The KV cache is allocated once at its final length (prompt + ``response_length``) and
+        filled in place: a growing cache re-copies every key and value at every step. The
+        attention mask is ours, additive 4-D (0 where a key may be attended, the float32
+        minimum elsewhere): keys beyond the current token are masked, as are the prompt's left
+        padding, so the result is that of attention over the keys so far. A left-padding query
+        attends to itself alone (its output is never read; a row of no keys would be NaN)."""
+        from transformers import StaticCache
+
+        rows, prompt, limit = ids.shape[0], ids.shape[1], self.cfg.response_length
         eos = torch.tensor(self.tokens.eos_token_ids, device=self.device)
         positions = position_ids_from_mask(mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **self._last_logits_only)
-        cache, logits = self._cache_of(out), out.logits[:, -1, : self.vocab_size]
+        total = prompt + limit
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        keys = torch.zeros(rows, total, dtype=torch.bool, device=self.device)  # which keys exist so far
+        keys[:, :prompt] = mask.bool()
+        span = torch.arange(total, device=self.device)
+        query = torch.arange(prompt, device=self.device)
+        allowed = (span[None, :] <= query[:, None])[None] & keys[:, None, :]  # causal, valid keys [N, P, L]
+        allowed |= (span[None, :] == query[:, None])[None]  # a padding query sees itself
+        out = self.model(input_ids=ids, attention_mask=_additive(allowed)[:, None], position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **self._positions(query), **self._last_logits_only)
+        logits = out.logits[:, -1, : self.vocab_size]
         next_pos = positions[:, -1:] + 1
         length = torch.full((rows,), limit, dtype=torch.long, device=self.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        step_mask = torch.full((rows, 1, 1, total), torch.finfo(torch.float32).min, device=self.device)
+        step_mask[:, 0, 0, :prompt] = _additive(keys[:, :prompt])
         tokens, logps = [], []
         for step in range(limit):
             token, logp = self._sample(logits.float(), greedy, gen)
@@ -142,12 +169,18 @@ class CPURolloutEngine(RolloutEngine):
             finished |= newly
             if bool(finished.all()) or step + 1 == limit:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                             use_cache=True, **{self._cache_kw: cache})
-            cache, logits = self._cache_of(out), out.logits[:, -1, : self.vocab_size]
+            step_mask[:, 0, 0, prompt + step] = 0.0  # the new token's key (finished rows decode padding)
+            out = self.model(input_ids=token[:, None], attention_mask=step_mask, position_ids=next_pos,
+                             use_cache=True, **{self._cache_kw: cache},
+                             **self._positions(torch.tensor([prompt + step], device=self.device)))
+            logits = out.logits[:, -1, : self.vocab_size]
             next_pos = next_pos + 1
         return torch.stack(tokens, 1), torch.stack(logps, 1), length
+
+    def _positions(self, cache_position: Tensor) -> dict[str, Tensor]:
+        """``cache_position`` for transformers versions whose forward takes it (4.x: the static
+        cache writes there); 5.x keeps the position in the cache itself."""
+        return {"cache_position": cache_position} if self._takes_cache_position else {}
 
     def _sample(self, logits: Tensor, greedy: bool, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """One step: (token [N], log-prob [N]) from float32 logits [N, V]."""
@@ -171,6 +204,11 @@ class CPURolloutEngine(RolloutEngine):
             responses=tokens.cpu(), response_mask=valid[:, :width].long().cpu(),
             rollout_log_probs=logps.float().cpu(),
         )
+
+
+def _additive(allowed: Tensor) -> Tensor:
+    """An additive float32 attention mask of a boolean one (True: attend): 0, or the float32 minimum."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -171,6 +171,56 @@ def _in_process_results_queue() -> Any:
     return _WRITE_RESULTS
 
 
+class _JitFuserOffFinder:
+    """A one-shot import hook: runs ``megatron.core.jit`` as usual, then megatron-core's own
+    ``disable_jit_fuser()`` before any other megatron-core module decorates with ``jit_fuser``."""
+
+    NAME = "megatron.core.jit"
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != self.NAME:
+            return None
+        import importlib.machinery
+        import sys
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_then_disable(module: types.ModuleType) -> None:
+            run(module)
+            disable = getattr(module, "disable_jit_fuser", None)
+            if callable(disable):
+                disable()
+
+        spec.loader.exec_module = exec_then_disable  # this spec's own loader instance
+        return spec
+
+
+def skip_jit_fuser() -> bool:
+    """On CPU, keep megatron-core's JIT fuser off from its import on; call before megatron-core
+    is imported (entry points do it first). Returns True when the hook is in place.
+
+    ``megatron.core.jit`` sets ``jit_fuser = torch.compile``, and a dozen megatron-core modules
+    decorate functions with it while they are imported: the first decoration imports
+    ``torch._dynamo`` and ``torch._inductor``, about 1.6 CPU-s of every start. Without CUDA none
+    of the decorated functions runs (``transformer_config_from_hf`` sets ``bias_activation_fusion`` and
+    ``bias_dropout_fusion`` only with CUDA, and no other decorated function is on our models'
+    path); with megatron-core's ``disable_jit_fuser()`` they stay plain Python functions, which
+    compute the same. On a CUDA machine, or once ``megatron.core.jit`` is imported, nothing
+    changes (returns False)."""
+    import sys
+
+    if torch.cuda.is_available() or _JitFuserOffFinder.NAME in sys.modules:
+        return False
+    if not any(isinstance(f, _JitFuserOffFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _JitFuserOffFinder())
+    return True
+
+
 def _check_version() -> str:
     import megatron.core
 

@@ -14,7 +14,7 @@ from megatron_gad.engine import (
     local_mini_batch_size,
     split_rows,
 )
-from megatron_gad.engine.batch import shuffled
+from megatron_gad.engine.batch import by_length, shuffled, take_rows, trim_padding
 
 
 def seq(rows: int, prompt: int, resp: int, lengths: list[int]) -> SequenceBatch:
@@ -65,6 +65,17 @@ def test_shuffled_permutes_every_field_alike_and_is_seeded() -> None:
     assert sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
     assert torch.equal(one.seq.input_ids, b.input_ids[order]) and torch.equal(one.advantages, policy.advantages[order])
     assert torch.equal(same.old_log_probs, one.old_log_probs) and not torch.equal(other.old_log_probs, one.old_log_probs)
+
+
+def test_by_length_groups_rows_so_each_micro_batch_trims_to_its_own_longest_row() -> None:
+    b = seq(6, 3, 5, [5, 1, 3, 1, 5, 3])
+    b.attention_mask[1, 0] = 0  # row 1: one token of left padding (a shorter prompt)
+    order = by_length(b)
+    assert order.tolist() == [1, 3, 2, 5, 0, 4]  # by response length, then prompt length, stable
+    micro = split_rows(take_rows(b, order), 2, "micro")
+    widths = [m.response_mask.shape[1] for m in trim_padding([micro[0]]) + trim_padding([micro[2]])]
+    assert widths == [1, 5]  # trimmed one micro-batch at a time: the shortest pair keeps one column
+    assert trim_padding(micro)[0].response_mask.shape[1] == 5  # trimmed together: all keep the longest
 
 
 def test_actor_config_validation_names_fields() -> None:

@@ -79,6 +79,8 @@ def test_sampling_is_seeded_ordered_and_logprobs_are_of_processed_distribution()
     assert a.responses.shape[0] == 9 and torch.equal(a.responses, b.responses)
     assert torch.equal(a.rollout_log_probs, b.rollout_log_probs) and not torch.equal(a.responses, c.responses)
     assert ((a.rollout_log_probs < 0) | (a.response_mask == 0)).all()
+    # decoded under inference_mode, returned as plain tensors (the trainer builds training inputs of them)
+    assert not any(t.is_inference() for t in (a.responses, a.response_mask, a.rollout_log_probs))
     # top_k = 1 is greedy: the same tokens, each with probability 1 under the processed distribution.
     greedy = engine.generate(ids, mask, n=1, greedy=True)
     topk1 = engine_from(model, RolloutConfig(response_length=8, temperature=0.7, top_k=1)).generate(ids, mask, n=1)

@@ -72,3 +72,30 @@ def test_threads_follow_the_cores_per_local_rank_unless_omp_is_set(capsys) -> No
         assert capsys.readouterr().out.count("torch intra-op threads") <= 1  # printed once per process
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the hook is for CPU-only machines")
+def test_jit_fuser_is_off_from_megatron_cores_import_on_without_cuda() -> None:
+    """skip_jit_fuser() before megatron-core's import: megatron-core's own disable_jit_fuser()
+    runs as megatron.core.jit loads, so no module decorates with torch.compile and torch's
+    compiler stack (torch._inductor) is never imported; once megatron.core.jit is loaded the
+    call changes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from megatron_gad.runtime.cpu_shims import skip_jit_fuser\n"
+        "assert skip_jit_fuser()\n"
+        "import megatron.core.transformer.transformer_config\n"
+        "import megatron.core.jit as jit\n"
+        "from megatron.core.fusions.fused_bias_swiglu import bias_swiglu\n"
+        "print(jit.jit_fuser is jit.noop_decorator, bias_swiglu.__code__.co_filename.endswith('fused_bias_swiglu.py'),\n"
+        "      'torch._inductor' in sys.modules,\n"
+        "      skip_jit_fuser())\n"
+    )
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "False", "False"]  # plain functions, no compiler stack
