@@ -280,17 +280,19 @@ class WeightExporter:
             error = f"cannot create a shared-memory segment in {SHM_DIR}: {exc}"
         offers: list[Any] = [None] * len(ranks)
         dist.all_gather_object(offers, (me, socket.gethostname(), made, error), group=group)
-        if not error and me in dsts:
-            try:
-                for src, host, paths, _ in offers:
-                    if src != me:
-                        self._links[src] = _ShmLink(torch.from_file(paths[me], shared=True, size=2 * slot,
-                                                                    dtype=torch.uint8), src, sending=False)
-            except (OSError, RuntimeError, KeyError) as exc:
-                error = f"cannot map a peer's shared-memory segment: {exc}"
         hosts = {host for _, host, _, _ in offers}
         if len(hosts) > 1:
             error = error or f"the model-parallel group spans {len(hosts)} hosts"
+        if not error and not any(e for *_, e in offers) and me in dsts:
+            try:  # map only files that exist (from_file would create a missing one)
+                for src, _, paths, _ in offers:
+                    if src != me:
+                        if not os.path.isfile(paths[me]):
+                            raise FileNotFoundError(paths[me])
+                        self._links[src] = _ShmLink(torch.from_file(paths[me], shared=True, size=2 * slot,
+                                                                    dtype=torch.uint8), src, sending=False)
+            except (OSError, RuntimeError, KeyError) as exc:
+                error = f"cannot map a peer's shared-memory segment: {exc!r}"
         errors: list[Any] = [None] * len(ranks)
         dist.all_gather_object(errors, error, group=group)  # every rank has mapped what it maps
         for path in made.values():
