@@ -116,7 +116,7 @@ def worker_ours(out_path: str, overrides: list[str]) -> None:
         return result
 
     trainer_mod.Trainer.train_step = timed_step
-    rc = pretrain_gad.main(["--config", os.path.join(REPO, "examples", "configs", "gspo.yaml"), *overrides])
+    rc = pretrain_gad.cli(["--config", os.path.join(REPO, "examples", "configs", "gspo.yaml"), *overrides])
     if rc != 0:
         raise SystemExit(f"our side failed (exit {rc})")
     with open(out_path, "w") as f:

@@ -60,9 +60,6 @@ class CPURolloutEngine(RolloutEngine):
                                   else {})
         self._takes_cache_position = "cache_position" in inspect.signature(self.model.forward).parameters
 
-    def _cache_of(self, out: Any) -> Any:
-        return getattr(out, self._cache_kw)
-
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
     def load_weights(self, buckets: Iterable[WeightBucket], strict: bool = True) -> None:
