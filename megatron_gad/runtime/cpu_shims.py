@@ -207,7 +207,7 @@ def skip_jit_fuser() -> bool:
     ``megatron.core.jit`` sets ``jit_fuser = torch.compile``, and a dozen megatron-core modules
     decorate functions with it while they are imported: the first decoration imports
     ``torch._dynamo`` and ``torch._inductor``, about 1.6 CPU-s of every start. Without CUDA none
-    of the decorated functions runs (``transformer_config_from_hf`` sets ``bias_activation_fusion`` and
+    of the decorated functions runs (:meth:`ModelArgs.transformer_config` sets ``bias_activation_fusion`` and
     ``bias_dropout_fusion`` only with CUDA, and no other decorated function is on our models'
     path); with megatron-core's ``disable_jit_fuser()`` they stay plain Python functions, which
     compute the same. On a CUDA machine, or once ``megatron.core.jit`` is imported, nothing

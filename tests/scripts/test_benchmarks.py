@@ -50,3 +50,17 @@ def test_gad_vs_seqkd(tmp_path) -> None:
     lines = _run("gad_vs_seqkd.py", "--task", "arith", "--seeds", "1", "--steps", "2", "--jobs", "1",
                  "--out", str(tmp_path))
     assert re.match(r"^gad=\S+ seqkd=\S+$", lines[-1])
+
+
+def test_vs_trl_our_side(tmp_path) -> None:
+    """vs_trl.py's own side (the TRL side runs in its own venv, installed on first use, and is not
+    run here): one whole process of our GSPO workload, timed per step."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import vs_trl
+    finally:
+        sys.path.pop(0)
+    vs_trl.ensure_demo()
+    result = vs_trl.run_side("ours", 2, str(tmp_path), 0)
+    assert len(result["steps"]) == 2 and result["process_cpu"] > 0
+    assert all(cpu > 0 and wall > 0 for cpu, wall in result["steps"])
