@@ -15,8 +15,9 @@ order); for each one:
      row-parallel shard into its columns); a destination copies its own shard in. Nothing is
      relayed, all-gathered or concatenated. Under ``auto``, when the model-parallel group has
      one destination rank and lives on one host, shards travel through shared memory
-     (:class:`_ShmLink`: copied into a segment by the sender, out of it by the destination, gloo
-     carrying only counters); otherwise, and with ``direct``, as gloo messages received in place;
+     (:mod:`megatron_gad.rollout.shm_link`: copied into a segment by the sender, out of it by
+     the destination, gloo carrying only counters); otherwise, and with ``direct``, as gloo
+     messages received in place;
    - ``gather`` (what ``auto`` picks on NCCL): the TP ranks of the owning stage all-gather the
      shards (``models.sharding``), and at PP > 1 the owning stage sends the full tensor point
      to point to the destination ranks of its pipeline group;
@@ -51,11 +52,10 @@ from torch import Tensor
 
 from megatron_gad.models import sharding
 from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES, ModelDivergedError, WeightBucket
+from megatron_gad.rollout.shm_link import SHM_SLOT_BYTES, ShmLink, connect_links
+from megatron_gad.rollout.shm_link import nbytes as _nbytes
 
 TRANSPORTS = ("auto", "direct", "gather")
-SHM_DIR = "/dev/shm"
-SHM_SLOT_BYTES = 32 * 1024**2
-"""Bytes of each of the two slots of a shared-memory link (at most ``bucket_bytes``)."""
 
 #: ``convert(global_megatron_name, full_tensor, hf_config, role) -> [(hf_name, tensor), ...]``
 Converter = Callable[[str, Tensor, Any, str], list[tuple[str, Tensor]]]
@@ -111,10 +111,6 @@ def _finite(t: Tensor) -> Tensor:
     return torch.isfinite(low) & torch.isfinite(high)
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class WeightExporter:
     """Streams the HF-named full weights of a Megatron model (one chunk per rank) in buckets.
 
@@ -155,7 +151,7 @@ class WeightExporter:
         self.stats = ExportStats()
         self._metas: list[ParamMeta] | None = None
         self._grid: dict[tuple[int, int], int] | None = None
-        self._links: dict[int, _ShmLink] | None = None
+        self._links: dict[int, ShmLink] | None = None
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         self._first_bad: Tensor | None = None
 
@@ -235,23 +231,20 @@ class WeightExporter:
             return dist.get_world_size() == 1 or dist.get_backend() == "gloo"
         return self.transport == "direct"
 
-    def _shm_links(self) -> dict[int, _ShmLink] | None:
+    def _shm_links(self) -> dict[int, ShmLink] | None:
         """This rank's shared-memory links (peer rank -> link) for the ``auto`` transport on CPU
         ranks, set up on the first export and kept: each rank makes one segment toward the
         destination rank, the destination maps it, and the file is unlinked at once (the mappings
         outlive it; nothing stays in ``/dev/shm``). None (the gloo sends are used) under
         ``direct``, when the model-parallel group has several destination ranks (one that also
         sends could then wait on a peer that waits on it), spans several hosts, or ``/dev/shm``
-        is not usable. Collective over the model-parallel group."""
+        is not usable (:func:`~megatron_gad.rollout.shm_link.connect_links`). Collective over
+        the model-parallel group."""
         if self._links is not None:
             return self._links or None
         self._links = {}
         if self.transport != "auto" or dist.get_world_size() == 1:
             return None
-        import os
-        import socket
-        import uuid
-
         from megatron.core import parallel_state as ps
 
         group = ps.get_model_parallel_group()
@@ -264,43 +257,9 @@ class WeightExporter:
         item = torch.empty((), dtype=self.dtype).element_size()
         longest_row = max((item * _prod(m.shape[1:]) for m in metas), default=1)
         slot = max(min(self.bucket_bytes, SHM_SLOT_BYTES), longest_row)
-        slot = -(-slot // _ShmLink.ALIGN) * _ShmLink.ALIGN
-        made: dict[int, str] = {}
-        error = ""
-        try:
-            if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
-                for dst in dsts:
-                    if dst != me:
-                        made[dst] = os.path.join(SHM_DIR, f"mgad-weights-{uuid.uuid4().hex}-{me}-{dst}")
-                        self._links[dst] = _ShmLink(torch.from_file(made[dst], shared=True, size=2 * slot,
-                                                                    dtype=torch.uint8), dst, sending=True)
-            else:
-                error = f"{SHM_DIR} is not a writable directory"
-        except (OSError, RuntimeError) as exc:
-            error = f"cannot create a shared-memory segment in {SHM_DIR}: {exc}"
-        offers: list[Any] = [None] * len(ranks)
-        dist.all_gather_object(offers, (me, socket.gethostname(), made, error), group=group)
-        hosts = {host for _, host, _, _ in offers}
-        if len(hosts) > 1:
-            error = error or f"the model-parallel group spans {len(hosts)} hosts"
-        if not error and not any(e for *_, e in offers) and me in dsts:
-            try:  # map only files that exist (from_file would create a missing one)
-                for src, _, paths, _ in offers:
-                    if src != me:
-                        if not os.path.isfile(paths[me]):
-                            raise FileNotFoundError(paths[me])
-                        self._links[src] = _ShmLink(torch.from_file(paths[me], shared=True, size=2 * slot,
-                                                                    dtype=torch.uint8), src, sending=False)
-            except (OSError, RuntimeError, KeyError) as exc:
-                error = f"cannot map a peer's shared-memory segment: {exc!r}"
-        errors: list[Any] = [None] * len(ranks)
-        dist.all_gather_object(errors, error, group=group)  # every rank has mapped what it maps
-        for path in made.values():
-            os.unlink(path)
-        if any(errors):
-            self._links = {}
-            return None
-        return self._links
+        slot = -(-slot // ShmLink.ALIGN) * ShmLink.ALIGN
+        self._links = connect_links(me, ranks, dsts, slot, group) or {}
+        return self._links or None
 
     def buckets(self) -> Iterator[WeightBucket]:
         """Yield buckets of ``(hf_name, tensor)`` on destination ranks; nothing elsewhere.
@@ -494,98 +453,6 @@ class WeightExporter:
                 dist.recv(full, src=owner)
             yield meta, full
         _wait_all(sends)
-
-
-class _ShmLink:
-    """One sender -> one destination channel through a shared-memory segment (ranks on one host).
-
-    The segment has two slots of ``slot_bytes``; messages are split along dim 0 into pieces that
-    fit a slot and packed into the slots in turn (64-byte aligned), by the same rule on both
-    ends, so only counters travel over gloo: after each piece the sender posts how many pieces
-    it has written, after copying each out the destination posts how many it has read, and the
-    sender reuses a slot only once every piece of the round before last was read. Pieces are
-    announced and acknowledged one by one, never held back, so a rank that is destination and
-    sender at once cannot wait on a peer that waits on it. Each byte is copied twice (into the
-    segment, and out of it into its place), with no socket in between.
-    """
-
-    ALIGN = 64
-    WRITTEN, READ = 71, 72
-    """gloo tags of the two counters (two links may join the same pair of ranks, one each way)."""
-
-    def __init__(self, segment: Tensor, peer: int, sending: bool) -> None:
-        self.slots = segment.chunk(2)
-        self.slot_bytes = self.slots[0].numel()
-        self.peer, self.sending = peer, sending
-        self._works: list[tuple[Any, Tensor]] = []
-        self._reset()
-
-    def _reset(self) -> None:
-        self.round, self.offset = 0, 0
-        self.done = 0  # pieces written (sender) or read (destination)
-        self.seen = 0  # pieces the peer has read (sender) or written (destination)
-        self.round_ends: list[int] = []  # sender: pieces written up to the end of each full round
-
-    def _pieces(self, t: Tensor) -> list[Tensor]:
-        """``t`` (a message, or the place it lands) in pieces along dim 0 that fit one slot."""
-        if t.dim() == 0 or t.numel() == 0:
-            return [t]
-        rows = max(1, self.slot_bytes // max(1, _nbytes(t) // t.shape[0]))
-        return list(t.split(rows, dim=0))
-
-    def _place(self, nbytes: int) -> Tensor:
-        """Claim ``nbytes`` in the current slot, moving to the next round when they do not fit."""
-        if self.offset and self.offset + nbytes > self.slot_bytes:
-            self.round_ends.append(self.done)
-            self.round, self.offset = self.round + 1, 0
-            if self.sending and self.round >= 2:  # the slot is reused: its last round must be read
-                self._wait_read(self.round_ends[self.round - 2])
-        region = self.slots[self.round % 2].narrow(0, self.offset, nbytes)
-        self.offset += -(-nbytes // self.ALIGN) * self.ALIGN
-        return region
-
-    def _post(self) -> None:
-        note = torch.tensor([self.done])
-        tag = self.WRITTEN if self.sending else self.READ
-        self._works.append((dist.isend(note, dst=self.peer, tag=tag), note))
-
-    def _wait_peer(self, count: int) -> None:
-        """Block until the peer's counter reaches ``count``."""
-        buf = torch.empty(1, dtype=torch.int64)
-        tag = self.READ if self.sending else self.WRITTEN
-        while self.seen < count:
-            dist.recv(buf, src=self.peer, tag=tag)
-            self.seen = int(buf)
-
-    _wait_read = _wait_peer
-
-    def put(self, message: Tensor) -> None:
-        """Sender: copy ``message`` (contiguous) into the segment and announce it."""
-        for piece in self._pieces(message):
-            if _nbytes(piece):
-                self._place(_nbytes(piece)).view(piece.dtype).view(piece.shape).copy_(piece)
-                self.done += 1
-                self._post()
-
-    def get(self, target: Tensor) -> None:
-        """Destination: copy the next message out of the segment into ``target`` (any strides)."""
-        for piece in self._pieces(target):
-            if _nbytes(piece):
-                region = self._place(_nbytes(piece))
-                self._wait_peer(self.done + 1)
-                piece.copy_(region.view(piece.dtype).view(piece.shape))
-                self.done += 1
-                self._post()
-
-    def close(self) -> None:
-        """End of one export: the sender waits until everything it wrote was read; both ends
-        complete their posts and start the next export from the first slot."""
-        if self.sending:
-            self._wait_read(self.done)
-        for work, _ in self._works:
-            work.wait()
-        self._works.clear()
-        self._reset()
 
 
 def _is_fc1(name: str) -> bool:
