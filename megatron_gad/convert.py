@@ -33,6 +33,7 @@ from torch import Tensor
 from megatron_gad.errors import UserError
 from megatron_gad.hf_io import (  # noqa: F401  (re-exported for the CLIs and tests)
     INDEX_FILE,
+    MEGATRON_META_FILE,
     ConversionError,
     SafetensorsReader,
     ShardWriter,
@@ -46,7 +47,6 @@ from megatron_gad.hf_io import (  # noqa: F401  (re-exported for the CLIs and te
 from megatron_gad.models import hf_mapping as hfm
 from megatron_gad.models.transformer import model_args_from_hf, transformer_config_from_hf
 
-META_FILE = "megatron_gad_meta.json"
 
 # ----------------------------------------------------------------------------------------------
 # Preflight checks (local, before any process group)
@@ -262,7 +262,7 @@ def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtyp
             config.save_pretrained(tmp)
             copy_aux_files(hf_dir, tmp)
             meta = {"format": 1, "role": role, "architecture": config.model_type, "dtype": str(dtype).removeprefix("torch.")}
-            with open(os.path.join(tmp, META_FILE), "w") as f:
+            with open(os.path.join(tmp, MEGATRON_META_FILE), "w") as f:
                 json.dump(meta, f, indent=1)
     return {"bytes_read": nbytes, "params": sum(p.numel() for p in model.parameters())}
 
@@ -291,9 +291,9 @@ def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any
     """Check a Megatron directory written by :func:`hf_to_megatron` (config, meta, checkpoint
     metadata, layout divisibility) without loading tensors. Raises ConversionError."""
     config = read_hf_config(megatron_dir)
-    meta_path = os.path.join(megatron_dir, META_FILE)
+    meta_path = os.path.join(megatron_dir, MEGATRON_META_FILE)
     if not os.path.isfile(meta_path):
-        raise ConversionError(f"{megatron_dir!r} has no {META_FILE} (not written by hf_to_megatron)")
+        raise ConversionError(f"{megatron_dir!r} has no {MEGATRON_META_FILE} (not written by hf_to_megatron)")
     if not os.path.isfile(os.path.join(megatron_dir, "metadata.json")):
         raise ConversionError(f"{megatron_dir!r} has no dist_checkpointing metadata.json")
     try:

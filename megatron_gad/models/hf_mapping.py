@@ -155,7 +155,7 @@ def megatron_names(hf_config: Any, role: str = "actor", te: bool | None = None) 
 
 
 # ----------------------------------------------------------------------------------------------
-# ModelArgs transforms (fuse / split)
+# Tensor transforms (fuse / split)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -45,6 +45,12 @@ def is_tp_sharded(param: Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def is_fused_fc1(name: str) -> bool:
+    """True for MLP ``linear_fc1`` weights and biases: ``[gate; up]`` fused along the output
+    dimension, so each TP shard holds ``[gate_t; up_t]`` (halves interleaved across ranks)."""
+    return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+
+
 def gather_tp(local: Tensor, param: Tensor, name: str, group: dist.ProcessGroup | None) -> Tensor:
     """All-gather ``local`` (a shard of ``param``, or its gradient) over the TP ``group``.
 
@@ -57,7 +63,7 @@ def gather_tp(local: Tensor, param: Tensor, name: str, group: dist.ProcessGroup 
     dim = int(param.partition_dim)
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    if name.endswith("linear_fc1.weight") or name.endswith("linear_fc1.bias"):
+    if is_fused_fc1(name):
         halves = [p.chunk(2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(parts, dim=dim)

@@ -42,6 +42,7 @@ view of the live parameter: nothing is copied, and the CPU engine keeps it as it
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -94,11 +95,6 @@ def _default_converter(name: str, full: Tensor, hf_config: Any, role: str) -> li
     from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
 
     return megatron_to_hf_tensors(name, full, hf_config, role=role)
-
-
-def _contiguous(t: Tensor) -> Tensor:
-    """``t`` itself when contiguous (a view is kept: no copy), else a contiguous copy."""
-    return t if t.is_contiguous() else t.contiguous()
 
 
 def _finite(t: Tensor) -> Tensor:
@@ -255,7 +251,7 @@ class WeightExporter:
         me = dist.get_rank()
         metas = self.metadata()
         item = torch.empty((), dtype=self.dtype).element_size()
-        longest_row = max((item * _prod(m.shape[1:]) for m in metas), default=1)
+        longest_row = max((item * math.prod(m.shape[1:]) for m in metas), default=1)
         slot = max(min(self.bucket_bytes, SHM_SLOT_BYTES), longest_row)
         slot = -(-slot // ShmLink.ALIGN) * ShmLink.ALIGN
         self._links = connect_links(me, ranks, dsts, slot, group) or {}
@@ -285,7 +281,7 @@ class WeightExporter:
         for meta, full in full_tensors:
             if full is None or not keep:
                 continue
-            hf = [(n, _contiguous(t)) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
+            hf = [(n, t.contiguous()) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
             out_bytes = sum(_nbytes(t) for _, t in hf)
             self._note_alive(size + _nbytes(full) + out_bytes)
             del full
@@ -349,7 +345,7 @@ class WeightExporter:
         stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         tp = ps.get_tensor_model_parallel_world_size()
         dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
-        links = self._shm_links() if dev_is_cpu() else None
+        links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
         local = self._local_params()
         dev = _device()
         sends: list[tuple[Any, Tensor]] = []
@@ -362,18 +358,17 @@ class WeightExporter:
                     raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
                 shard = param.detach()
                 self._note_finite(index, shard)
-                shard = _contiguous(shard.to(self.dtype))
+                shard = shard.to(self.dtype).contiguous()
                 self._note_alive(_nbytes(shard))
-            holders = [grid[(meta.stage, t)] for t in range(tp)] if meta.split_dim is not None else None
+            stage_ranks = [grid[(meta.stage, t)] for t in range(tp)]
+            holders = stage_ranks if meta.split_dim is not None else None
             full: Tensor | None = None
             if shard is not None:  # send what destinations elsewhere need from this rank
                 for dst in dsts:
                     if dst == me:
                         continue
-                    if holders is None:
-                        on_stage = [grid[(meta.stage, t)] for t in range(tp)]
-                        if dst in on_stage or tp_rank != 0:
-                            continue
+                    if holders is None and (dst in stage_ranks or tp_rank != 0):
+                        continue
                     for piece in _pieces(meta, shard):
                         if links is not None:
                             links[dst].put(piece)
@@ -455,14 +450,10 @@ class WeightExporter:
         _wait_all(sends)
 
 
-def _is_fc1(name: str) -> bool:
-    return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
-
-
 def _pieces(meta: ParamMeta, shard: Tensor | None) -> list[Tensor | None]:
     """The messages one TP rank's shard travels in: the shard whole, or fc1's ``[gate_t; up_t]``
     as its two halves (each lands in its own rows). ``shard`` None: one None per message."""
-    count = 2 if _is_fc1(meta.name) and meta.split_dim is not None else 1
+    count = 2 if sharding.is_fused_fc1(meta.name) and meta.split_dim is not None else 1
     if shard is None:
         return [None] * count
     return list(shard.chunk(2, dim=meta.split_dim)) if count == 2 else [shard]
@@ -473,24 +464,12 @@ def _targets(meta: ParamMeta, full: Tensor, tp: int, t: int) -> list[Tensor]:
     rows ``t`` of ``tp`` (contiguous), fc1's gate and up rows of rank ``t``, or columns ``t``
     of ``tp`` of a row-parallel weight (not contiguous)."""
     dim = meta.split_dim
-    if _is_fc1(meta.name):
+    if sharding.is_fused_fc1(meta.name):
         half = full.shape[dim] // 2
         per = half // tp
         return [full.narrow(dim, t * per, per), full.narrow(dim, half + t * per, per)]
     per = full.shape[dim] // tp
     return [full.narrow(dim, t * per, per)]
-
-
-def _prod(shape: Iterable[int]) -> int:
-    out = 1
-    for n in shape:
-        out *= int(n)
-    return out
-
-
-def dev_is_cpu() -> bool:
-    """True when this process computes on the CPU (the shared-memory links carry host tensors)."""
-    return _device().type == "cpu"
 
 
 def _device() -> torch.device:
