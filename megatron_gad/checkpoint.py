@@ -121,15 +121,20 @@ def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trai
         _agreed(tmp, lambda: _write_rank_files(tmp, rank, trainer_state))
         manifest = os.path.join(tmp, MANIFEST_FILE)
         _agreed(manifest, lambda: _write_manifest(tmp, step) if rank == 0 else None)
+        # rank 0 publishes; agreed like every phase, so a failure there (the marker's write on a
+        # full disk) raises on every rank instead of leaving the others waiting in a collective
+        _agreed(final, lambda: _publish(root, tmp, final, step, keep) if rank == 0 else None)
     except _SaveFailed as failed:
         _report_failed_save(failed, root, tmp)
-    if rank == 0:
-        replace_dir(tmp, final)
-        atomic_write_text(os.path.join(root, LATEST_FILE), str(step))
-        if keep is not None:
-            prune_checkpoints(root, keep, protect=step)
-    torch.distributed.barrier()
     return final
+
+
+def _publish(root: str, tmp: str, final: str, step: int, keep: int | None) -> None:
+    """Rank 0: rename the complete ``tmp`` into place, then point the marker at it, then prune."""
+    replace_dir(tmp, final)
+    atomic_write_text(os.path.join(root, LATEST_FILE), str(step))
+    if keep is not None:
+        prune_checkpoints(root, keep, protect=step)
 
 
 def resolve_resume(root: str, resume_mode: str, notes: list[str] | None = None) -> str | None:
