@@ -232,14 +232,14 @@ def prepare_demo_assets(repo: str, timeout_s: float = 600.0) -> None:
     (atomically); the other ranks wait for them."""
     import time
 
-    from megatron_gad.data.demo import DemoAssetsError, ensure_demo_assets, read_manifest
+    from megatron_gad.data.demo import DemoAssetsError, assets_fresh, ensure_demo_assets
 
     assets = os.path.join(repo, "examples", "data", "demo")
     if int(os.environ.get("RANK", "0")) == 0:
         ensure_demo_assets(assets)
         return
     deadline = time.monotonic() + timeout_s
-    while read_manifest(assets) is None:
+    while not assets_fresh(assets):  # the set rank 0 accepts, not a stale one it is replacing
         if time.monotonic() > deadline:
             raise DemoAssetsError(f"rank 0 did not produce the demo assets in {assets} within {timeout_s:.0f}s")
         time.sleep(0.5)

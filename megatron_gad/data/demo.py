@@ -421,6 +421,18 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
+def assets_fresh(out_dir: str | os.PathLike[str], task: str = "arith", seed: int | None = None) -> bool:
+    """True when ``out_dir`` holds a complete set of this format and ``task`` (and of ``seed``
+    when given): what :func:`ensure_demo_assets` accepts without generating."""
+    manifest = read_manifest(out_dir)
+    return (
+        manifest is not None
+        and manifest.get("format_version") == FORMAT_VERSION
+        and manifest.get("task", "arith") == task
+        and (seed is None or manifest.get("seed") == seed)
+    )
+
+
 def ensure_demo_assets(
     out_dir: str | os.PathLike[str], seed: int | None = None, force: bool = False, task: str = "arith"
 ) -> DemoAssets:
@@ -433,13 +445,6 @@ def ensure_demo_assets(
     Safe to call from several processes at once: each writes its own temporary directory and
     the last rename wins, so readers always see a complete set.
     """
-    manifest = read_manifest(out_dir)
-    fresh = (
-        manifest is not None
-        and manifest.get("format_version") == FORMAT_VERSION
-        and manifest.get("task", "arith") == task
-        and (seed is None or manifest.get("seed") == seed)
-    )
-    if fresh and not force:
+    if assets_fresh(out_dir, task, seed) and not force:
         return DemoAssets.at(Path(out_dir).absolute())
     return generate_demo_assets(out_dir, seed=DEFAULT_SEED if seed is None else seed, task=task)
