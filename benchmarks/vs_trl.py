@@ -24,6 +24,7 @@ against TRL with its defaults (gradient checkpointing on).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -51,8 +52,10 @@ SEED = 1
 
 
 # ----------------------------------------------------------------------------- set-up
+@functools.cache
 def venv_python() -> str:
-    """The TRL venv's interpreter, creating the venv and installing TRL on first use."""
+    """The TRL venv's interpreter, creating the venv and installing TRL on first use (probed once
+    per process)."""
     python = os.path.join(VENV, "bin", "python")
     probe = [python, "-c", "import trl, torch; print(trl.__version__, torch.__version__)"]
     if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:

@@ -20,9 +20,6 @@ from megatron_gad.runtime.cpu_shims import skip_jit_fuser
 skip_jit_fuser()  # first, before anything imports megatron-core: on CPU its fused functions never run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(REPO, "examples", "configs", "demo.yaml")
-
-
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     from megatron_gad.launch import parse_run_args
 
@@ -31,7 +28,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    from megatron_gad.launch import (config_summary, is_demo_config, launch, launcher_requested,
+    from megatron_gad.launch import (config_summary, demo_config_path, is_demo_config, launch, launcher_requested,
                                      prepare_demo_assets, report_worker_error)
     from megatron_gad.quiet import quiet_third_party
 
@@ -42,7 +39,7 @@ def main(argv: list[str]) -> int:
     demo = is_demo_config(config_path, REPO)  # also --config examples/configs/demo.yaml: assets on demand
     if demo:
         os.chdir(REPO)  # the demo config's paths are relative to the repository root
-        config_path = DEMO_CONFIG
+        config_path = demo_config_path(REPO)
 
     from megatron_gad.config import format_config, load_config
     from megatron_gad.errors import UserError

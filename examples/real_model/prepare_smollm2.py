@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -208,9 +207,9 @@ def prepare(out: Path, student_layers: int, n_train: int, n_val: int, max_new_to
                     "temperature": temperature, "data_source": data_source}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        from megatron_gad.io import replace_dir
+
+        replace_dir(tmp, out)  # out is empty or absent here
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -63,7 +63,7 @@ FIXED: dict[str, tuple[Any, str]] = {
         "naive", "the reward function is called once per response (verl's naive manager); "
                  "set custom_reward_function.path / .name"),
     "actor_rollout_ref.rollout.val_kwargs.do_sample": (
-        False, "validation decodes greedily; sampled validation is not implemented"),
+        False, "validation decodes greedily for its metrics; verl's sampled validation is not supported"),
     "actor_rollout_ref.rollout.val_kwargs.n": (1, "validation decodes one greedy response per prompt"),
     "actor_rollout_ref.rollout.val_kwargs.temperature": (0.0, "validation decodes greedily (temperature 0)"),
     "actor_rollout_ref.rollout.val_kwargs.top_p": (1.0, "validation decodes greedily (no nucleus sampling)"),
