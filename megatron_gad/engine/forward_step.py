@@ -6,7 +6,9 @@ stage; ``loss_func(output)`` runs on the LAST stage only and returns ``(scaled_l
 Positions in a ``[prompt (P) | response (R)]`` sequence:
 
 * actor: the log-prob of response token t comes from the logits at position ``P - 1 + t``
-  (the token before it), i.e. ``logits[:, P-1 : P+R-1]``;
+  (the token before it), i.e. ``logits[:, P-1 : P+R-1]``; the output layer computes only those
+  positions (:func:`logit_window`; in SFT, from the position before the first target token to
+  the one before the last);
 * critic values (PPO): the value of response token t is read at the same position
   ``P - 1 + t`` (the state the token is generated from; verl's convention);
 * critic sequence scores (GAD): read at the LAST valid response token itself, UNSHIFTED
@@ -25,11 +27,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from megatron_gad.engine.batch import PairBatch, PolicyBatch, SftBatch, ValueBatch, model_inputs, to_device
+from megatron_gad.engine.batch import PairBatch, PolicyBatch, SequenceBatch, SftBatch, ValueBatch, model_inputs, to_device
 from megatron_gad.engine.config import ActorConfig
 from megatron_gad.engine.reduce import MetricAccumulator
 from megatron_gad.losses import agg_loss, discriminator_half_points, discriminator_loss, kl_penalty
 from megatron_gad.losses import policy_loss, value_loss
+from megatron_gad.models.actor import logits_at
 from megatron_gad.models.critic import sequence_scores
 from megatron_gad.models.inputs import attention_mask_4d
 from megatron_gad.ops import vocab_parallel_log_probs_and_entropy
@@ -40,23 +43,53 @@ LossFunc = Callable[[Any, Tensor], tuple[Tensor, dict]]
 
 def make_forward_step(loss_func: LossFunc) -> Callable:
     """A Megatron ``forward_step`` that runs the model on the next micro-batch and binds it to
-    ``loss_func(micro_batch, output)``. Every stage calls it; the loss runs on the last."""
+    ``loss_func(micro_batch, output)``. Every stage calls it; the loss runs on the last. An
+    actor's output layer computes logits in the micro-batch's :func:`logit_window` only (a
+    critic has none: the window does not concern it)."""
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device())
         input_ids, position_ids, attention_mask = model_inputs(batch)
-        output = model(input_ids=input_ids, position_ids=position_ids,
-                       attention_mask=attention_mask_4d(attention_mask))
+        with logits_at(logit_window(batch)):
+            output = model(input_ids=input_ids, position_ids=position_ids,
+                           attention_mask=attention_mask_4d(attention_mask))
         return output, functools.partial(loss_func, batch)
 
     return forward_step
 
 
-def response_log_probs(logits: Tensor, responses: Tensor, temperature: float,
+def logit_window(batch: Any) -> tuple[int, int] | None:
+    """The sequence positions ``[start, stop)`` whose logits a loss of ``batch`` reads: for
+    responses ``[P - 1, P + R - 1)``; for SFT, from the position before the first column with a
+    target token to the one before the last such column; None for other batches (all positions)."""
+    if isinstance(batch, PolicyBatch):
+        batch = batch.seq
+    if isinstance(batch, SequenceBatch):
+        prompt = batch.prompt_length
+        return prompt - 1, prompt + batch.response_mask.shape[1] - 1
+    if isinstance(batch, SftBatch):
+        cols = torch.nonzero(batch.loss_mask[:, 1:].bool().any(0)).flatten()
+        if not cols.numel():  # no target token: any one position (the loss is 0)
+            return 0, 1
+        return int(cols[0]), int(cols[-1]) + 1
+    return None
+
+
+def _windowed(logits: Tensor, window: tuple[int, int]) -> Tensor:
+    """``logits`` at the positions of ``window``: as they come inside :func:`logits_at`, or cut
+    from logits over the whole sequence."""
+    start, stop = window
+    if logits.shape[1] == stop - start:
+        return logits
+    return logits[:, start:stop]
+
+
+def response_log_probs(logits: Tensor, seq: SequenceBatch, temperature: float,
                        vocab_size: int) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropy ``[B, R]`` of ``responses`` from full-sequence logits ``[B, P+R, V/TP]``."""
-    prompt_length = logits.shape[1] - responses.shape[1]
-    return vocab_parallel_log_probs_and_entropy(logits[:, prompt_length - 1:-1], responses, temperature, vocab_size)
+    """Log-probs and entropy ``[B, R]`` of ``seq``'s responses from the actor's logits
+    (``[B, R, V/TP]`` in the :func:`logit_window`, or ``[B, P+R, V/TP]`` over the whole sequence)."""
+    logits = _windowed(logits, logit_window(seq))
+    return vocab_parallel_log_probs_and_entropy(logits, seq.responses, temperature, vocab_size)
 
 
 def response_values(token_scores: Tensor, response_width: int) -> Tensor:
@@ -68,7 +101,7 @@ def collect_log_probs(out: list[Tensor], batch: Any, logits: Tensor, *, temperat
                       vocab_size: int) -> tuple[Tensor, dict]:
     """Forward-only: append this micro-batch's log-probs and entropy, stacked ``[b, R, 2]``."""
     seq = batch.seq if isinstance(batch, PolicyBatch) else batch
-    out.append(torch.stack(response_log_probs(logits, seq.responses, temperature, vocab_size), dim=-1))
+    out.append(torch.stack(response_log_probs(logits, seq, temperature, vocab_size), dim=-1))
     return torch.zeros((), device=logits.device), {}
 
 
@@ -91,7 +124,7 @@ def policy_loss_func(settings: ActorConfig, temperature: float, vocab_size: int,
     forward's, detached. ``out`` given: the detached log-probs and entropy are appended to it,
     stacked ``[b, R', 2]``."""
     mask = batch.seq.response_mask.float()
-    log_prob, entropy = response_log_probs(logits, batch.seq.responses, temperature, vocab_size)
+    log_prob, entropy = response_log_probs(logits, batch.seq, temperature, vocab_size)
     if out is not None:
         out.append(torch.stack([log_prob.detach(), entropy.detach()], dim=-1))
     old_log_prob = log_prob.detach() if batch.old_log_probs is None else batch.old_log_probs.float()
@@ -121,8 +154,10 @@ def policy_loss_func(settings: ActorConfig, temperature: float, vocab_size: int,
 def sft_loss_func(vocab_size: int, normalizer: Tensor, scale: float, acc: MetricAccumulator,
                   batch: SftBatch, logits: Tensor) -> tuple[Tensor, dict]:
     """Token-mean negative log-likelihood of the ``loss_mask`` tokens (shifted by one)."""
-    log_prob, _ = vocab_parallel_log_probs_and_entropy(logits[:, :-1], batch.input_ids[:, 1:], 1.0, vocab_size)
-    mask = batch.loss_mask[:, 1:].float()
+    start, stop = logit_window(batch)
+    logits = _windowed(logits, (start, stop))
+    log_prob, _ = vocab_parallel_log_probs_and_entropy(logits, batch.input_ids[:, start + 1:stop + 1], 1.0, vocab_size)
+    mask = batch.loss_mask[:, start + 1:stop + 1].float()
     loss = agg_loss(-log_prob, mask, "token-mean", normalizer)
     acc.add_sum("actor/sft_loss", loss)
     return loss * scale, {}
@@ -161,6 +196,6 @@ def value_loss_func(cliprange_value: float, loss_agg_mode: str, normalizer: Tens
 
 
 __all__ = [
-    "collect_critic", "collect_log_probs", "discriminator_loss_func", "make_forward_step",
+    "collect_critic", "collect_log_probs", "discriminator_loss_func", "logit_window", "make_forward_step",
     "policy_loss_func", "response_log_probs", "response_values", "sft_loss_func", "value_loss_func",
 ]
