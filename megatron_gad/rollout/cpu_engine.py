@@ -133,7 +133,12 @@ class CPURolloutEngine(RolloutEngine):
         attention mask is ours, additive 4-D (0 where a key may be attended, the float32
         minimum elsewhere): keys beyond the current token are masked, as are the prompt's left
         padding, so the result is that of attention over the keys so far. A left-padding query
-        attends to itself alone (its output is never read; a row of no keys would be NaN)."""
+        attends to itself alone (its output is never read; a row of no keys would be NaN).
+
+        A row that samples EOS leaves the batch: its KV cache rows, mask row and position go,
+        so later steps compute only the rows still decoding (each row's result is what it was
+        with the finished rows kept, since rows never attend across each other; what changes
+        is the random stream's order, which draws for the remaining rows only)."""
         from transformers import StaticCache
 
         rows, prompt, limit = ids.shape[0], ids.shape[1], self.cfg.response_length
@@ -152,27 +157,32 @@ class CPURolloutEngine(RolloutEngine):
         logits = out.logits[:, -1, : self.vocab_size]
         next_pos = positions[:, -1:] + 1
         length = torch.full((rows,), limit, dtype=torch.long, device=self.device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        tokens = torch.full((rows, limit), self.tokens.pad_token_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros(rows, limit, device=self.device)
+        active = torch.arange(rows, device=self.device)  # the rows still decoding, in cache order
         step_mask = torch.full((rows, 1, 1, total), torch.finfo(torch.float32).min, device=self.device)
         step_mask[:, 0, 0, :prompt] = _additive(keys[:, :prompt])
-        tokens, logps = [], []
         for step in range(limit):
             token, logp = self._sample(logits.float(), greedy, gen)
-            token = torch.where(finished, torch.full_like(token, self.tokens.pad_token_id), token)
-            tokens.append(token)
-            logps.append(torch.where(finished, torch.zeros_like(logp), logp))
-            newly = ~finished & torch.isin(token, eos)
-            length[newly] = step + 1
-            finished |= newly
-            if bool(finished.all()) or step + 1 == limit:
+            tokens[active, step] = token
+            logps[active, step] = logp.float()
+            if step + 1 == limit:  # an EOS here leaves the row at its default length, ``limit``
                 break
-            step_mask[:, 0, 0, prompt + step] = 0.0  # the new token's key (finished rows decode padding)
+            ended = torch.isin(token, eos)
+            if bool(ended.any()):
+                length[active[ended]] = step + 1
+                keep = torch.nonzero(~ended).flatten()
+                if not keep.numel():
+                    break
+                active, token, next_pos, step_mask = active[keep], token[keep], next_pos[keep], step_mask[keep]
+                cache.reorder_cache(keep)
+            step_mask[:, 0, 0, prompt + step] = 0.0  # the new token's key
             out = self.model(input_ids=token[:, None], attention_mask=step_mask, position_ids=next_pos,
                              use_cache=True, **{self._cache_kw: cache},
                              **self._positions(torch.tensor([prompt + step], device=self.device)))
             logits = out.logits[:, -1, : self.vocab_size]
             next_pos = next_pos + 1
-        return torch.stack(tokens, 1), torch.stack(logps, 1), length
+        return tokens, logps, length
 
     def _positions(self, cache_position: Tensor) -> dict[str, Tensor]:
         """``cache_position`` for transformers versions whose forward takes it (4.x: the static
