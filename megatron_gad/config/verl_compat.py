@@ -24,7 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from megatron_gad.config.fields import ConfigError, _coerce_bool, _coerce_float, _coerce_int, join_key
+from megatron_gad.config.fields import (
+    ConfigError,
+    _coerce_bool,
+    _coerce_float,
+    _coerce_int,
+    join_key,
+    parse_override,
+    set_in,
+)
 
 #: verl's key -> ours, same meaning, different place.
 RENAMED: dict[str, str] = {
@@ -117,16 +125,6 @@ def _pop(tree: dict[str, Any], key: str) -> None:
             del nodes[depth - 1][path[depth - 1]]
 
 
-def _set(tree: dict[str, Any], key: str, value: Any) -> None:
-    """``tree[a][b]... = value`` for dotted ``key``, creating the sections on the way."""
-    node = tree
-    for part in key.split(".")[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[key.rsplit(".", 1)[-1]] = value
-
-
 def _get(tree: dict[str, Any], key: str) -> Any:
     """``tree[a][b]...`` for dotted ``key``; None when absent."""
     node: Any = tree
@@ -189,9 +187,9 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
     cli_verl: dict[str, Any] = {}
     kept: list[str] = []
     for text in overrides:
-        key, sep, value = text.partition("=")
-        key = key.strip().lstrip("+")
-        if sep and _is_verl_key(key):
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if _is_verl_key(key):
             cli_verl[key] = value
         else:
             kept.append(text)
@@ -220,7 +218,7 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
             if own is not None and str(own).strip() != str(value).strip():
                 raise ConfigError(f"{key}={value} and {target}={own} are both in the config file; set only one "
                                   "(the same setting)")
-            _set(tree, target, value)
+            set_in(tree, target.split("."), value)
     kept = _resume_path(tree, kept, merged)
     _check_other_layouts(tree, kept, merged)
     _check_world(merged, world_size)
@@ -231,9 +229,9 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
 def _last_override(overrides: Sequence[str], key: str) -> str | None:
     """The value of the last override setting ``key`` (None when none does)."""
     for text in reversed(overrides):
-        k, _, v = text.partition("=")
-        if k.strip().lstrip("+") == key:
-            return v
+        path, value = parse_override(text)
+        if ".".join(path) == key:
+            return value
     return None
 
 
@@ -316,9 +314,9 @@ def world_from_keys(tree: dict[str, Any], overrides: Sequence[str]) -> tuple[int
     (the launcher starts that many processes when ``--nproc-per-node`` is not given)."""
     values = {k: _get(tree, k) for k in WORLD_KEYS}
     for text in overrides:
-        key, sep, value = text.partition("=")
-        if sep and key.strip().lstrip("+") in WORLD_KEYS:
-            values[key.strip().lstrip("+")] = value
+        path, value = parse_override(text)
+        if ".".join(path) in WORLD_KEYS:
+            values[".".join(path)] = value
     if all(v is None for v in values.values()):
         return None
     gpus = _coerce_int(values["trainer.n_gpus_per_node"] if values["trainer.n_gpus_per_node"] is not None else 1,
