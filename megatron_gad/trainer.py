@@ -194,7 +194,7 @@ class Trainer:
         state = {"step": self.step, "data": self.parts.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
                  "kl_coef": self.kl_ctrl.coef}
         return ckpt.save_training_checkpoint(self.cfg.trainer.default_local_dir, self.step, self._roles(), state,
-                                             keep=self.cfg.trainer.keep_checkpoints())
+                                             keep=self.cfg.trainer.max_ckpt_to_keep)
 
     def export_actor(self, out_dir: str) -> None:
         """Write the trained actor as a Hugging Face directory (collective)."""

@@ -200,8 +200,8 @@ def test_retention_spellings_must_agree(assets, tmp_path) -> None:
 
     base = overrides(assets, str(tmp_path))
     cfg = load_config(CONFIG, [*base, "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
-    assert cfg.trainer.keep_checkpoints() == 3
-    with pytest.raises(ConfigError, match="max_actor_ckpt_to_keep=2, max_critic_ckpt_to_keep=3 differ"):
+    assert cfg.trainer.max_ckpt_to_keep == 3
+    with pytest.raises(ConfigError, match="max_actor_ckpt_to_keep=2, trainer.max_critic_ckpt_to_keep=3 differ"):
         load_config(CONFIG, [*base, "trainer.max_actor_ckpt_to_keep=2", "trainer.max_critic_ckpt_to_keep=3"],
                     world_size=1)
     with pytest.raises(ConfigError, match="max_ckpt_to_keep must be >= 1"):

@@ -9,6 +9,7 @@ Three kinds of keys (the README's "verl keys" table lists each one):
   ``actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu``, ...). Nothing happens here.
 * **mapped**: verl spells a setting of ours differently or checks something we decide elsewhere;
   the key is rewritten (``actor_rollout_ref.actor.megatron.*`` -> ``actor_rollout_ref.megatron.*``,
+  ``trainer.max_{actor,critic}_ckpt_to_keep`` -> ``trainer.max_ckpt_to_keep``,
   ``trainer.resume_from_path`` -> ``trainer.resume_mode``) or checked and consumed
   (``trainer.n_gpus_per_node`` x ``trainer.nnodes`` against the world size, ``trainer.device``,
   ``actor_rollout_ref.ref.megatron.*`` against the actor's layout, greedy ``val_kwargs``).
@@ -16,7 +17,8 @@ Three kinds of keys (the README's "verl keys" table lists each one):
   have (``use_remove_padding=true``, ``reward_model.enable=true``, ...).
 
 Precedence follows the loader: a command-line value beats the YAML file's. A mapped key and its
-target both given with different values in one source is refused (no silent pick).
+target both given with different values in one source is refused (no silent pick), and so are
+two verl keys mapped onto one of ours with different values.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from megatron_gad.config.fields import (
 RENAMED: dict[str, str] = {
     "actor_rollout_ref.actor.megatron.tensor_model_parallel_size": "actor_rollout_ref.megatron.tensor_model_parallel_size",
     "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size": "actor_rollout_ref.megatron.pipeline_model_parallel_size",
+    # both roles are saved in one checkpoint directory, so verl's per-role retentions are one setting
+    "trainer.max_actor_ckpt_to_keep": "trainer.max_ckpt_to_keep",
+    "trainer.max_critic_ckpt_to_keep": "trainer.max_ckpt_to_keep",
 }
 
 #: Megatron keys verl has per role that we accept only at the value we run with: key -> (value, why).
@@ -203,10 +208,28 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
         if reward_model_off and key.startswith("reward_model.") and key not in FIXED:
             continue  # verl reads the reward model's settings only when it is enabled
         _check_fixed(key, value, sources[key])
+    _rename(tree, kept, merged, cli_verl)
+    kept = _resume_path(tree, kept, merged)
+    _check_other_layouts(tree, kept, merged)
+    _check_world(merged, world_size)
+    _check_device(merged)
+    return tree, kept
+
+
+def _rename(tree: dict[str, Any], kept: list[str], merged: dict[str, Any], cli_verl: dict[str, Any]) -> None:
+    """Write each :data:`RENAMED` key of ``merged`` as ours where it was given: a command-line one
+    as an override appended to ``kept``, a config-file one into ``tree``. Refused: the verl key and
+    ours with different values in one source, and two verl keys of one setting with different
+    values (in any source: in verl they are separate settings). A null verl key is unset."""
+    renamed: dict[str, tuple[str, Any]] = {}  # our key -> the first verl key given for it, its value
     for key, value in merged.items():
-        if key not in RENAMED:
+        if key not in RENAMED or _same(value, None, key):
             continue
         target = RENAMED[key]
+        first, first_value = renamed.setdefault(target, (key, value))
+        if str(first_value).strip() != str(value).strip():
+            raise ConfigError(f"{first}={first_value}, {key}={value} differ (verl): here both are {target}; "
+                              "set one value")
         if key in cli_verl:
             own = _last_override(kept, target)
             if own is not None and str(own).strip() != str(value).strip():
@@ -219,11 +242,6 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
                 raise ConfigError(f"{key}={value} and {target}={own} are both in the config file; set only one "
                                   "(the same setting)")
             set_in(tree, target.split("."), value)
-    kept = _resume_path(tree, kept, merged)
-    _check_other_layouts(tree, kept, merged)
-    _check_world(merged, world_size)
-    _check_device(merged)
-    return tree, kept
 
 
 def _last_override(overrides: Sequence[str], key: str) -> str | None:

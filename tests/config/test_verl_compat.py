@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_gad.config import ConfigError, load_config
+from megatron_gad.config import ConfigError, config_to_dict, load_config
 
 BASE = ["data.train_files=/d/train.parquet", "actor_rollout_ref.model.path=/m/student", "actor_rollout_ref.rollout.n=2"]
 
@@ -59,6 +59,24 @@ def test_the_critic_takes_the_actors_verl_layout_and_other_sizes_are_refused() -
                                           r"\(TP=2, PP=1\): both roles share one Megatron parallel state"):
         load_config(None, [*base, "critic.megatron.tensor_model_parallel_size=1",
                            "critic.megatron.pipeline_model_parallel_size=2"], world_size=4)
+
+
+def test_verls_per_role_retentions_are_the_one_retention(tmp_path: Path) -> None:
+    """Both roles share one checkpoint directory: ``max_{actor,critic}_ckpt_to_keep`` set
+    ``trainer.max_ckpt_to_keep``, must agree (in any source), and a null one is unset."""
+    path = tmp_path / "verl.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"max_actor_ckpt_to_keep": 2, "max_critic_ckpt_to_keep": None}}))
+    assert load_config(str(path), BASE, world_size=1).trainer.max_ckpt_to_keep == 2
+    both = load_config(str(path), [*BASE, "trainer.max_critic_ckpt_to_keep=2"], world_size=1)
+    assert both.trainer.max_ckpt_to_keep == 2
+    assert load_config(str(path), [*BASE, "trainer.max_ckpt_to_keep=5"], world_size=1).trainer.max_ckpt_to_keep == 5
+    with pytest.raises(ConfigError, match=r"trainer.max_actor_ckpt_to_keep=2, trainer.max_critic_ckpt_to_keep=3 "
+                                          r"differ \(verl\): here both are trainer.max_ckpt_to_keep"):
+        load_config(str(path), [*BASE, "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
+    with pytest.raises(ConfigError, match=r"max_critic_ckpt_to_keep=3 and trainer.max_ckpt_to_keep=4 are both on "
+                                          r"the command line"):
+        load_config(None, [*BASE, "trainer.max_ckpt_to_keep=4", "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
+    assert "max_actor_ckpt_to_keep" not in yaml.safe_dump(config_to_dict(both))  # saved as ours
 
 
 def test_the_same_keys_in_a_yaml_file(tmp_path: Path) -> None:
