@@ -195,6 +195,55 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(assets, tmp_
     assert not os.path.exists(partial)
 
 
+def _rollout_calls(overrides: list[str]) -> list[tuple]:
+    """Per rank: train (resuming when the run directory holds a checkpoint), recording each
+    rollout's (seed, n, greedy, responses)."""
+    from megatron_gad.config import load_config
+    from megatron_gad.trainer import Trainer
+
+    trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
+    engine, calls = trainer.parts.rollout_engine, []
+    generate = engine.generate
+
+    def recorded(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        calls.append((kwargs["seed"], kwargs["n"], kwargs["greedy"], out.responses.clone()))
+        return out
+
+    engine.generate = recorded
+    trainer.fit()
+    return calls
+
+
+def test_validation_samples_its_own_stream_and_a_resumed_run_draws_it_again(assets, tmp_path) -> None:
+    """The validation after step 2 samples (one response per prompt, n=1) with seeds no training
+    rollout uses (it once took step 3's), and a run resumed from step 1 samples the very responses
+    of the uninterrupted run at steps 2 and 3."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    val = str(tmp_path / "val.parquet")
+    pq.write_table(pq.read_table(str(assets.val_file)).slice(0, 16), val)  # two batches of 8
+    extra = {"trainer.total_training_steps": 3, "trainer.save_freq": 1, "trainer.test_freq": 2, "data.val_files": val}
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    calls = run_distributed(_rollout_calls, 1, args=(overrides_for(assets, full, True, **extra),), timeout_s=600)[0]
+    shutil.copytree(full, cut)
+    for step in (2, 3):
+        shutil.rmtree(os.path.join(cut, f"global_step_{step}"))
+    with open(os.path.join(cut, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1")
+    resumed = run_distributed(_rollout_calls, 1, args=(overrides_for(assets, cut, True, **extra),), timeout_s=600)[0]
+    sampled = [c for c in calls if c[1] == 1 and not c[2]]
+    assert len(sampled) == 4  # 2 batches at step 2 and at step 3
+    assert not {c[0] for c in sampled} & {c[0] for c in calls if c[1] == 2}  # training: n = 2
+    assert len({c[0] for c in sampled}) == 4
+    again = [c for c in resumed if c[1] == 1 and not c[2]]
+    assert [c[0] for c in again] == [c[0] for c in sampled]
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(again, sampled))
+    assert comparable(read_metrics(cut)) == comparable(read_metrics(full))
+
+
 def _weights_after_setup(overrides: list[str], hf_dir: str) -> dict:
     """Per rank: build a trainer whose actor and critic start from the HF causal LM in hf_dir."""
     from safetensors.torch import load_file
