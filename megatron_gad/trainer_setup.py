@@ -4,8 +4,9 @@ rollout engine, the weight exporter.
 Called on every rank by :class:`megatron_gad.trainer.Trainer`, with a config that
 :func:`megatron_gad.config.load_config` has checked. The checks that need the data (its mode) and
 the model directories run here, before any model is built (:func:`read_run_inputs`, which the
-launcher's preflight also runs: ConfigError naming the key, or DataError naming the file and row). "Training engine" means a role's Megatron model + optimizer
-(:mod:`megatron_gad.engine`); "rollout engine" the generator (:mod:`megatron_gad.rollout`).
+launcher's preflight also runs: ConfigError naming the key, or DataError naming the file and row).
+"Training engine" means a role's Megatron model + optimizer (:mod:`megatron_gad.engine`); "rollout
+engine" the generator (:mod:`megatron_gad.rollout`).
 """
 
 from __future__ import annotations
