@@ -34,6 +34,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "demo_styles.yaml"
@@ -120,17 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_gad.data.demo import ensure_demo_assets
 
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="gad_vs_seqkd-")
-    out = Path(args.out or tmp.name).absolute()
+    tmp, out = work_dir(args, "gad_vs_seqkd-")
     assets = ensure_demo_assets(out / f"assets-{args.task}", task=args.task).root
-    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
-    start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(job[0], job[1], assets, out, args), jobs))
-    by_arm: dict[str, list[dict]] = {}
-    for (arm, seed), res in zip(jobs, results):
-        by_arm.setdefault(arm, []).append(res)
-        print(f"{arm} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+    by_arm, start = run_all(args, lambda arm, seed: run_one(arm, seed, assets, out, args))
 
     names = [name for name, _ in COLUMNS] + ["wall_s", "cpu_s"]
     print(f"\n{args.task} task, {args.steps} steps, seeds {args.seeds}, {args.threads} thread(s) per run, "
@@ -138,9 +131,35 @@ def main(argv: list[str] | None = None) -> int:
     means = print_table(by_arm, names)
     if tmp is not None:
         tmp.cleanup()
-    gad, seqkd = means.get(("gad", names[0]), float("nan")), means.get(("seqkd", names[0]), float("nan"))
-    print(f"gad={gad:.3f} seqkd={seqkd:.3f}")
+    print_last_line(means, names[0])
     return 0
+
+
+def work_dir(args: argparse.Namespace, prefix: str) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """(the temporary directory to clean up, or None with ``--out``; the absolute working directory)."""
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix=prefix)
+    return tmp, Path(args.out or tmp.name).absolute()
+
+
+def run_all(args: argparse.Namespace, train: Callable[[str, int], dict]) -> tuple[dict[str, list[dict]], float]:
+    """Run ``train(arm, seed)`` for every arm of ``args.arms`` and seed of ``args.seeds``,
+    ``args.jobs`` at once, and print each run's figures in that order; returns the results by arm
+    (in seed order) and the ``time.monotonic()`` at the start."""
+    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: train(*job), jobs))
+    by_arm: dict[str, list[dict]] = {}
+    for (arm, seed), res in zip(jobs, results):
+        by_arm.setdefault(arm, []).append(res)
+        print(f"{arm} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+    return by_arm, start
+
+
+def print_last_line(means: dict[tuple[str, str], float], name: str) -> None:
+    """The benchmark's last line: ``gad=<x> seqkd=<y>``, the arms' means of ``name`` (nan for an arm not run)."""
+    gad, seqkd = means.get(("gad", name), float("nan")), means.get(("seqkd", name), float("nan"))
+    print(f"gad={gad:.3f} seqkd={seqkd:.3f}")
 
 
 def print_table(by_arm: dict[str, list[dict]], names: list[str]) -> dict[tuple[str, str], float]:

@@ -35,13 +35,17 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gad_vs_seqkd import print_table, train_arm  # noqa: E402  (the shared machinery)
+from gad_vs_seqkd import (  # noqa: E402  (the shared machinery)
+    print_last_line,
+    print_table,
+    run_all,
+    train_arm,
+    work_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "smollm2_distill.yaml"
@@ -139,18 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     # SeqKD's own step count comes from arm_overrides (generator_warmup_steps = steps, no critic warmup)
     args.gad = [f"trainer.generator_warmup_steps={args.warmup}", f"trainer.critic_warmup={args.critic_warmup}",
                 *args.gad]
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="smollm2_gad_vs_seqkd-")
-    out = Path(args.out or tmp.name).absolute()
-    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
-    start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: train_arm(job[0], job[1], out, args, CONFIG, shared, COLUMNS), jobs))
-    by_arm: dict[str, list[dict]] = {}
-    phases: dict[str, list[dict]] = {}
-    for (arm, seed), res in zip(jobs, results):
-        by_arm.setdefault(arm, []).append(res)
-        phases[f"{arm} seed {seed}"] = phase_times(out / f"{arm}-seed{seed}")
-        print(f"{arm} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+    tmp, out = work_dir(args, "smollm2_gad_vs_seqkd-")
+    by_arm, start = run_all(args, lambda arm, seed: train_arm(arm, seed, out, args, CONFIG, shared, COLUMNS))
+    phases = {f"{arm} seed {seed}": phase_times(out / f"{arm}-seed{seed}")
+              for arm in args.arms for seed in args.seeds}
 
     names = [name for name, _ in COLUMNS] + ["wall_s", "cpu_s", "peak_rss_gib"]
     print(f"\nSmolLM2-135M-Instruct -> {info['student_layers']} layers, {info['n_val']} held-out prompts; "
@@ -168,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " | ".join(f"{t[p]:.1f}" for p in PHASE_PARTS) + " |")
     if tmp is not None:
         tmp.cleanup()
-    gad, seqkd = means.get(("gad", names[0]), float("nan")), means.get(("seqkd", names[0]), float("nan"))
-    print(f"gad={gad:.3f} seqkd={seqkd:.3f}")
+    print_last_line(means, names[0])
     return 0
 
 

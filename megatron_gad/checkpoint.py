@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from typing import Sequence
 
 import torch
 
+from megatron_gad.checkpoint_integrity import (
+    MANIFEST_FILE,
+    STEP_DIR,
+    checkpoint_problem,
+    complete_steps,
+    read_manifest,
+    saved_world_size,
+    write_durable,
+    write_manifest,
+)
 from megatron_gad.errors import UserError
 from megatron_gad.io import atomic_write_text, remove_dir, replace_dir
 from megatron_gad.models.sharding import unwrap
@@ -49,11 +58,14 @@ def load_model(chunks: Sequence[torch.nn.Module], directory: str, strict: bool =
 # --------------------------------------------------------------------------------------------
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-_STEP_DIR = "global_step_{}"
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint save ran out of space (ENOSPC, a disk quota or a per-process file-size limit)."""
 
 
 def _role_state(chunks: Sequence[torch.nn.Module], optimizer, loading: bool) -> dict:
@@ -109,7 +121,7 @@ def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trai
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
-    final = os.path.join(root, _STEP_DIR.format(step))
+    final = os.path.join(root, STEP_DIR.format(step))
     tmp = final + ".tmp"
     try:
         _agreed(tmp, lambda: _fresh_dir(tmp) if rank == 0 else None)
@@ -120,7 +132,7 @@ def save_training_checkpoint(root: str, step: int, roles: dict[str, tuple], trai
             _agreed(role_dir, lambda: dist_checkpointing.save(state, role_dir))
         _agreed(tmp, lambda: _write_rank_files(tmp, rank, trainer_state))
         manifest = os.path.join(tmp, MANIFEST_FILE)
-        _agreed(manifest, lambda: _write_manifest(tmp, step) if rank == 0 else None)
+        _agreed(manifest, lambda: write_manifest(tmp, step) if rank == 0 else None)
         # rank 0 publishes; agreed like every phase, so a failure there (the marker's write on a
         # full disk) raises on every rank instead of leaving the others waiting in a collective
         _agreed(final, lambda: _publish(root, tmp, final, step, keep) if rank == 0 else None)
@@ -161,7 +173,7 @@ def resolve_resume(root: str, resume_mode: str, notes: list[str] | None = None) 
     candidates = [s for s in steps if marked is None or s <= marked]
     damaged = []
     for step in reversed(candidates):
-        path = os.path.join(root, _STEP_DIR.format(step))
+        path = os.path.join(root, STEP_DIR.format(step))
         problem = checkpoint_problem(path)
         if problem is None:
             return path
@@ -209,113 +221,15 @@ def load_training_checkpoint(path: str, roles: dict[str, tuple]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Integrity: a manifest of every file's size, checked before any model is built.
+# Per-rank files, the latest marker, retention (manifest and integrity: checkpoint_integrity.py).
 # --------------------------------------------------------------------------------------------
-
-MANIFEST_FILE = "manifest.json"
-_STEP_RE = re.compile(r"global_step_(\d+)")
-
-
-class DiskFullError(CheckpointError):
-    """A checkpoint save ran out of space (ENOSPC, a disk quota or a per-process file-size limit)."""
-
-
-def complete_steps(root: str) -> list[int]:
-    """The steps of the published ``global_step_<N>`` directories in ``root``, ascending."""
-    if not os.path.isdir(root):
-        return []
-    found = (_STEP_RE.fullmatch(d) for d in os.listdir(root))
-    return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(root, m.group(0))))
-
-
-def saved_world_size(path: str) -> int | None:
-    """The world size a checkpoint was saved with (None: no readable manifest)."""
-    manifest = _read_manifest(path)
-    return None if isinstance(manifest, str) or manifest is None else int(manifest["world_size"])
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """What is wrong with the checkpoint directory ``path``, naming the file; None when intact.
-
-    Every file the manifest lists must exist with its recorded size (a killed writer, a full disk
-    or a stray ``rm`` leaves a file missing or short), ``trainer_state.json`` must parse and every
-    rank's RNG state must load. A directory without a manifest (saved before manifests existed)
-    must hold a parsable ``trainer_state.json`` and an ``actor/.metadata``.
-    """
-    import json
-
-    if not os.path.isdir(path):
-        return f"{path} does not exist"
-    manifest = _read_manifest(path)
-    if isinstance(manifest, str):
-        return manifest
-    if manifest is None:
-        required = ["trainer_state.json", os.path.join("actor", ".metadata")]
-    else:
-        for rel, size in manifest["files"].items():
-            file = os.path.join(path, rel)
-            if not os.path.isfile(file):
-                return f"{file} is missing"
-            actual = os.path.getsize(file)
-            if actual != size:
-                return f"{file} has {actual} bytes, the manifest records {size} (truncated or rewritten)"
-        required = [f for f in manifest["files"] if f == "trainer_state.json" or f.startswith("rng_rank")]
-        if "trainer_state.json" not in required:
-            return f"{os.path.join(path, MANIFEST_FILE)} lists no trainer_state.json"
-    for rel in required:
-        file = os.path.join(path, rel)
-        if not os.path.isfile(file):
-            return f"{file} is missing"
-        try:
-            if rel == "trainer_state.json":
-                with open(file, encoding="utf-8") as f:
-                    if not isinstance(json.load(f).get("step"), int):
-                        return f"{file} holds no integer 'step'"
-            elif rel.startswith("rng_rank"):
-                torch.load(file, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
-            return f"{file} is unreadable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _read_manifest(path: str) -> dict | str | None:
-    """The manifest of ``path`` (dict), None when there is none, or the problem with it (str)."""
-    import json
-
-    file = os.path.join(path, MANIFEST_FILE)
-    if not os.path.exists(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        int(manifest["world_size"])
-        if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
-            raise ValueError("'files' is not a map of sizes")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{file} is unreadable ({type(exc).__name__}: {exc})"
-    return manifest
-
-
-def _write_manifest(tmp: str, step: int) -> None:
-    import json
-
-    files = {}
-    for folder, _, names in os.walk(tmp):
-        for name in names:
-            full = os.path.join(folder, name)
-            files[os.path.relpath(full, tmp)] = os.path.getsize(full)
-    manifest = {"step": step, "world_size": torch.distributed.get_world_size(),
-                "total_bytes": sum(files.values()), "files": dict(sorted(files.items()))}
-    _write_durable(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1))
-
 
 def _write_rank_files(tmp: str, rank: int, trainer_state: dict) -> None:
     import json
 
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
-        _write_durable(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state))
+        write_durable(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state))
 
 
 def _marker_step(root: str, steps: list[int], notes: list[str]) -> int | None:
@@ -340,7 +254,7 @@ def _marker_step(root: str, steps: list[int], notes: list[str]) -> int | None:
         notes.append(f"{marker} {'is empty' if not text else f'holds {text[:40]!r}, not a step number'}{scan}")
         return None
     if int(text) not in steps:
-        notes.append(f"{marker} names step {text} but {os.path.join(root, _STEP_DIR.format(text))} "
+        notes.append(f"{marker} names step {text} but {os.path.join(root, STEP_DIR.format(text))} "
                      f"does not exist{scan}")
         return None
     return int(text)
@@ -354,7 +268,7 @@ def prune_checkpoints(root: str, keep: int, protect: int | None = None) -> list[
     doomed = [s for s in steps[: max(len(steps) - keep, 0)] if s != protect]
     removed = []
     for step in doomed:
-        path = os.path.join(root, _STEP_DIR.format(step))
+        path = os.path.join(root, STEP_DIR.format(step))
         os.rename(path, path + ".deleting")
         remove_dir(path + ".deleting")
         removed.append(path)
@@ -424,7 +338,7 @@ def _measured_space_error(tmp: str, root: str) -> int | None:
     import signal
 
     sizes = [2**20]
-    for folder in (tmp, *(os.path.join(root, _STEP_DIR.format(s)) for s in complete_steps(root)[-1:])):
+    for folder in (tmp, *(os.path.join(root, STEP_DIR.format(s)) for s in complete_steps(root)[-1:])):
         for sub, _, names in os.walk(folder):
             sizes += [os.path.getsize(os.path.join(sub, n)) for n in names]
     size = min(max(sizes), 64 * 2**20)
@@ -477,8 +391,8 @@ def _disk_full_message(root: str, tmp: str, where: str, code: int, filename: str
     steps = complete_steps(root)
     need = ""
     if steps:
-        last = os.path.join(root, _STEP_DIR.format(steps[-1]))
-        manifest = _read_manifest(last)
+        last = os.path.join(root, STEP_DIR.format(steps[-1]))
+        manifest = read_manifest(last)
         if isinstance(manifest, dict):
             need = f"a checkpoint needs about {manifest['total_bytes'] / 2**20:.1f} MiB, as {os.path.basename(last)}; "
     try:
@@ -509,14 +423,6 @@ def clean_incomplete(root: str) -> list[str]:
         else:
             os.rename(old, final)
     return stale
-
-
-def _write_durable(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` and fsync it (inside a staging directory: no rename needed)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fresh_dir(path: str) -> None:

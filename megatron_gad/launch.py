@@ -97,22 +97,10 @@ def preflight(config_path: str, overrides: list[str], world_size: int) -> Any:
     requirements and the rollout engine. Returns the config; raises a UserError naming what is
     wrong."""
     from megatron_gad.config import load_config
-    from megatron_gad.data.dataset import build_loaders
-    from megatron_gad.rollout.base import resolve_engine_name
-    from megatron_gad.trainer_setup import CriticRole, check_mode, load_hf_config, load_tokenizer, model_weight_sources
+    from megatron_gad.trainer_setup import read_run_inputs
 
     cfg = load_config(config_path, overrides, world_size=world_size)
-    model = cfg.actor_rollout_ref.model
-    load_hf_config(model.path, "actor_rollout_ref.model.path")
-    model_weight_sources(cfg, needs_critic=False)
-    resolve_engine_name(cfg.actor_rollout_ref.rollout)  # vllm without CUDA is refused here
-    tokenizer = load_tokenizer(model.tokenizer_path or model.path, "actor_rollout_ref.model.tokenizer_path"
-                               if model.tokenizer_path else "actor_rollout_ref.model.path")
-    train, _ = build_loaders(cfg.data, tokenizer)
-    check_mode(cfg, train.mode)
-    if CriticRole.decide(train.mode, cfg.algorithm.adv_estimator) is not CriticRole.NONE:
-        load_hf_config(cfg.critic.model.path, "critic.model.path")
-        model_weight_sources(cfg, needs_critic=True)
+    read_run_inputs(cfg)  # what every rank reads before building a model, checked once here
     if cfg.custom_reward_function.path:
         from megatron_gad.rewards import load_reward_fn
 

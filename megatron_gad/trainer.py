@@ -43,16 +43,11 @@ from megatron_gad.rewards import load_reward_fn, score_responses
 from megatron_gad.rollout.base import ModelDivergedError
 from megatron_gad.rollout.weight_export import sync_weights
 from megatron_gad.run_dir import claim_run_dir
+from megatron_gad.seeds import rollout_seed, validation_seed
 from megatron_gad.trainer_setup import Components, CriticRole, build_components
 from megatron_gad.validation import ValidationSums, log_val_generations, token_agreement, val_generation_rows
 
 logger = logging.getLogger(__name__)
-
-# The sampling seed of a step's rollout: trainer.seed * _SEED_PER_RUN + step * _SEED_PER_STEP +
-# DP rank. Distinct (step, DP rank) pairs get distinct seeds while DP <= _SEED_PER_STEP, and runs
-# of different trainer.seed share none while step * _SEED_PER_STEP + DP < _SEED_PER_RUN (~9900 steps).
-_SEED_PER_RUN = 1_000_003
-_SEED_PER_STEP = 101
 
 
 class Phase(enum.Enum):
@@ -194,7 +189,7 @@ class Trainer:
         state = {"step": self.step, "data": self.parts.loader.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
                  "kl_coef": self.kl_ctrl.coef}
         return ckpt.save_training_checkpoint(self.cfg.trainer.default_local_dir, self.step, self._roles(), state,
-                                             keep=self.cfg.trainer.keep_checkpoints())
+                                             keep=self.cfg.trainer.max_ckpt_to_keep)
 
     def export_actor(self, out_dir: str) -> None:
         """Write the trained actor as a Hugging Face directory (collective)."""
@@ -274,13 +269,16 @@ class Trainer:
         sync_weights(self.parts.exporter, self.parts.rollout_engine)
         self.weights_stale = False
 
-    def _rollout(self, prompts: PromptBatch, n: int, greedy: bool = False) -> tuple[PromptBatch, Experience]:
+    def _rollout(self, prompts: PromptBatch, n: int, greedy: bool = False,
+                 seed: int | None = None) -> tuple[PromptBatch, Experience]:
         """``n`` responses to each of ``prompts`` from this replica's rollout engine, shared with its
         model-parallel peers: (the prompts repeated to one row per response, the experience).
+        ``seed``: the sampler's (default: this step's training rollout seed, :mod:`megatron_gad.seeds`).
         A diverged policy raises ModelDivergedError on every rank of the replica."""
         out: Any = None
         if self.parts.rollout_engine is not None:
-            seed = self.cfg.trainer.seed * _SEED_PER_RUN + self.step * _SEED_PER_STEP + self.parts.info.dp_rank
+            if seed is None:
+                seed = rollout_seed(self.cfg.trainer.seed, self.step, self.parts.info.dp_rank)
             try:
                 gen = self.parts.rollout_engine.generate(prompts.input_ids, prompts.attention_mask, n=n, greedy=greedy,
                                                      seed=seed)
@@ -444,7 +442,7 @@ class Trainer:
                 self._sync_weights()
             elif self.parts.rollout_engine is not None:
                 self.parts.rollout_engine.wake()
-            for batch in self.parts.val_loader.batches():
+            for index, batch in enumerate(self.parts.val_loader.batches()):
                 _, exp = self._rollout(batch, 1, greedy=True)
                 texts = self.parts.decode(exp.student.responses, exp.student.response_mask)
                 scores = None
@@ -462,7 +460,8 @@ class Trainer:
                 sums.add("rows", len(texts))
                 sums.add_checks(batch, texts, sampled=False)
                 if any(s in TASK_STYLES for s in batch.data_source):  # a demo task: its sampled answers too
-                    _, sampled = self._rollout(batch, 1)
+                    seed = validation_seed(self.cfg.trainer.seed, self.step, index, self.parts.info.dp_rank)
+                    _, sampled = self._rollout(batch, 1, seed=seed)
                     sums.add_checks(batch, self.parts.decode(sampled.student.responses, sampled.student.response_mask),
                                     sampled=True)
         except ModelDivergedError as exc:

@@ -3,9 +3,10 @@ rollout engine, the weight exporter.
 
 Called on every rank by :class:`megatron_gad.trainer.Trainer`, with a config that
 :func:`megatron_gad.config.load_config` has checked. The checks that need the data (its mode) and
-the model directories run here, before any model is built (ConfigError naming the key, or
-DataError naming the file and row). "Training engine" means a role's Megatron model + optimizer
-(:mod:`megatron_gad.engine`); "rollout engine" the generator (:mod:`megatron_gad.rollout`).
+the model directories run here, before any model is built (:func:`read_run_inputs`, which the
+launcher's preflight also runs: ConfigError naming the key, or DataError naming the file and row).
+"Training engine" means a role's Megatron model + optimizer (:mod:`megatron_gad.engine`); "rollout
+engine" the generator (:mod:`megatron_gad.rollout`).
 """
 
 from __future__ import annotations
@@ -194,18 +195,21 @@ def _load_initial_weights(engine: Any, model_dir: str, hf_config: Any, role: str
     return f"{model_dir} ({source})"
 
 
-def model_weight_sources(cfg: TrainConfig, needs_critic: bool) -> dict[str, str]:
-    """Check, before any model is built, that every role's ``model.path`` holds weights (or asks
-    for random ones); role -> :func:`megatron_gad.hf_io.check_model_weights` answer. Raises a
-    one-line ConversionError (a UserError) naming the key."""
+def weight_source(cfg: TrainConfig, role: str) -> str:
+    """Check, before any model is built, that ``role``'s ``model.path`` (``actor`` or ``critic``)
+    holds weights (or asks for random ones): :func:`megatron_gad.hf_io.check_model_weights`'s
+    answer. Raises a one-line ConversionError (a UserError) naming the key."""
     from megatron_gad.hf_io import check_model_weights
 
-    model = cfg.actor_rollout_ref.model
-    out = {"actor": check_model_weights(model.path, "actor_rollout_ref.model.path", "actor", model.random_init)}
-    if needs_critic:
-        c = cfg.critic.model
-        out["critic"] = check_model_weights(c.path, "critic.model.path", "critic", c.random_init)
-    return out
+    model, key = (cfg.critic.model, "critic.model.path") if role == "critic" else (
+        cfg.actor_rollout_ref.model, "actor_rollout_ref.model.path")
+    return check_model_weights(model.path, key, role, model.random_init)
+
+
+def model_weight_sources(cfg: TrainConfig, needs_critic: bool) -> dict[str, str]:
+    """role -> :func:`weight_source` for the actor and, when ``needs_critic``, the critic."""
+    roles = ("actor", "critic") if needs_critic else ("actor",)
+    return {role: weight_source(cfg, role) for role in roles}
 
 
 def check_mode(cfg: TrainConfig, mode: Mode) -> None:
@@ -327,43 +331,77 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return total
 
 
-def build_components(cfg: TrainConfig) -> Components:
-    """Read the tokenizer, the data and the model configs (every check that needs them runs
-    here, before any model is built), then initialise the process groups (idempotent: the trainer
-    has already started them to claim the run directory) and build the training engines, the
-    rollout engine and the exporter (collective)."""
+@dataclass
+class RunInputs:
+    """What a run reads and checks before any model is built (see :func:`read_run_inputs`)."""
+
+    tokenizer: Any
+    tokenizer_dir: str
+    train_loader: PromptLoader
+    val_loader: PromptLoader | None
+    critic_role: CriticRole
+    actor_hf: Any
+    critic_hf: Any | None  # None when the run has no critic (CriticRole.NONE)
+    weight_sources: dict[str, str]  # role -> weight_source(), for the roles the run builds
+
+
+def read_run_inputs(cfg: TrainConfig) -> RunInputs:
+    """Read and check, in this order, the actor's model config and weights, the rollout engine's
+    requirements (vLLM needs CUDA), the tokenizer, every training and validation row (and with
+    them the data's mode against the config), then the critic's model config and weights when the
+    run has a critic. Local work only (no process group): the launcher's preflight runs it in
+    its own process, :func:`build_components` on every rank. Raises a one-line UserError naming
+    the key, file or row."""
     from megatron_gad.data.dataset import build_loaders
-    from megatron_gad.rollout.base import TokenSpec, make_rollout_engine
-    from megatron_gad.rollout.weight_export import WeightExporter
+    from megatron_gad.rollout.base import resolve_engine_name
 
     model = cfg.actor_rollout_ref.model
+    actor_hf = load_hf_config(model.path, "actor_rollout_ref.model.path")
+    sources = {"actor": weight_source(cfg, "actor")}
+    resolve_engine_name(cfg.actor_rollout_ref.rollout)  # vllm without CUDA is refused here
     tokenizer_dir = model.tokenizer_path or model.path
     tokenizer = load_tokenizer(tokenizer_dir, "actor_rollout_ref.model.tokenizer_path" if model.tokenizer_path
                                else "actor_rollout_ref.model.path")
     train_loader, val_loader = build_loaders(cfg.data, tokenizer)
-    mode = train_loader.mode
-    check_mode(cfg, mode)
-    critic_role = CriticRole.decide(mode, cfg.algorithm.adv_estimator)
-    actor_hf = load_hf_config(model.path, "actor_rollout_ref.model.path")
-    critic_hf = None if critic_role is CriticRole.NONE else load_hf_config(cfg.critic.model.path, "critic.model.path")
+    check_mode(cfg, train_loader.mode)
+    critic_role = CriticRole.decide(train_loader.mode, cfg.algorithm.adv_estimator)
+    critic_hf = None
+    if critic_role is not CriticRole.NONE:
+        critic_hf = load_hf_config(cfg.critic.model.path, "critic.model.path")
+        sources["critic"] = weight_source(cfg, "critic")
+    return RunInputs(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, train_loader=train_loader,
+                     val_loader=val_loader, critic_role=critic_role, actor_hf=actor_hf, critic_hf=critic_hf,
+                     weight_sources=sources)
+
+
+def build_components(cfg: TrainConfig) -> Components:
+    """Read and check the run's inputs (:func:`read_run_inputs`: every check that needs the data
+    or the model directories runs there, before any model is built), then initialise the process
+    groups (idempotent: the trainer has already started them to claim the run directory) and
+    build the training engines, the rollout engine and the exporter (collective)."""
+    from megatron_gad.rollout.base import TokenSpec, make_rollout_engine
+    from megatron_gad.rollout.weight_export import WeightExporter
+
+    inputs = read_run_inputs(cfg)
+    train_loader, val_loader, actor_hf = inputs.train_loader, inputs.val_loader, inputs.actor_hf
     layout = cfg.actor_rollout_ref.megatron  # critic.megatron equals it (checked by load_config)
     info = init_distributed(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                             seed=cfg.trainer.seed)
-    engines = build_training_engines(cfg, actor_hf, critic_hf, info,
-                                     model_weight_sources(cfg, critic_role is not CriticRole.NONE))
+    engines = build_training_engines(cfg, actor_hf, inputs.critic_hf, info, inputs.weight_sources)
     rollout_engine = None
     if _is_rollout_rank(info):
-        rollout_engine = make_rollout_engine(cfg.actor_rollout_ref.rollout, actor_hf, TokenSpec.from_tokenizer(tokenizer))
+        rollout_engine = make_rollout_engine(cfg.actor_rollout_ref.rollout, actor_hf,
+                                             TokenSpec.from_tokenizer(inputs.tokenizer))
     exporter = WeightExporter(
         engines.actor.chunks, actor_hf, dtype=rollout_dtype(cfg), dst_ranks=_rollout_ranks(),
         bucket_bytes=cfg.actor_rollout_ref.rollout.bucket_bytes,
     )
     rows = train_loader.dataset.rows
     return Components(
-        info=info, mode=mode, critic_role=critic_role,
+        info=info, mode=train_loader.mode, critic_role=inputs.critic_role,
         has_ground_truth=any(r.ground_truth is not None for r in rows),
         demo_data=all(r.data_source == DEMO_DATA_SOURCE for r in rows),
-        tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
+        tokenizer=inputs.tokenizer, tokenizer_dir=inputs.tokenizer_dir,
         loader=DataParallelBatches(train_loader, info.dp, info.dp_rank, cfg.actor_rollout_ref.actor.ppo_mini_batch_size),
         val_loader=DataParallelBatches(val_loader, info.dp, info.dp_rank) if val_loader is not None else None,
         actor=engines.actor, ref=engines.ref, critic=engines.critic, actor_hf_config=actor_hf,

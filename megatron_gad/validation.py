@@ -13,7 +13,8 @@ the prompts are split over replicas or batches:
   with ``trainer.teacher_forced_validation`` (GAD data);
 - ``val/checker_<check>`` and ``val/checker_<check>_sampled``: on the demo tasks, the share of
   greedy responses, and of one sample per prompt at the rollout temperature, that pass each of
-  :data:`CHECKS` (:func:`megatron_gad.data.demo.check_response`).
+  :data:`CHECKS` (:func:`megatron_gad.data.demo.check_response`). The samples are drawn from a
+  stream of their own (:func:`megatron_gad.seeds.validation_seed`), not the training rollouts'.
 """
 
 from __future__ import annotations

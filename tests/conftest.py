@@ -1,7 +1,15 @@
-"""Shared pytest configuration: GPU tests skip without CUDA."""
+"""Shared pytest configuration: GPU tests skip without CUDA; the demo assets fixture; the
+repository on ``sys.path`` so that test files import ``tests.helpers`` however pytest is started."""
+
+import os
+import sys
 
 import pytest
 import torch
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -11,3 +19,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The demo task's assets (models, tokenizer, parquet files), generated once per test module."""
+    from megatron_gad.data.demo import ensure_demo_assets
+
+    return ensure_demo_assets(tmp_path_factory.mktemp("demo") / "assets")

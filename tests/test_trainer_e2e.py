@@ -6,54 +6,23 @@ CPU engine, Megatron engines, dist checkpoints. Runs are a few steps long.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from megatron_gad.runtime.spawn import run_distributed
+from tests.helpers import CONFIGS, comparable, demo_overrides, pretrain_cli, read_metrics, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "examples", "configs")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from megatron_gad.data.demo import ensure_demo_assets
-
-    return ensure_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
 
 
 def overrides_for(assets, out_dir: str, gad: bool, **extra: object) -> list[str]:
     """Small, fast settings over an example config, pointed at the test's demo assets."""
-    train = assets.train_file if gad else assets.train_standard_file
-    val = assets.val_file if gad else assets.val_standard_file
-    base = {
-        "data.train_files": train, "data.val_files": val, "data.train_batch_size": 4,
-        "data.val_batch_size": 8, "data.max_prompt_length": 32, "data.max_response_length": 24,
-        "actor_rollout_ref.model.path": assets.student_dir,
-        "actor_rollout_ref.model.tokenizer_path": assets.tokenizer_dir,
-        "critic.model.path": assets.discriminator_dir,
-        "actor_rollout_ref.rollout.name": "cpu", "actor_rollout_ref.rollout.n": 2,
-        "actor_rollout_ref.ppo_mini_batch_size": 4, "actor_rollout_ref.ppo_micro_batch_size_per_gpu": 4,
-        "trainer.total_training_steps": 3, "trainer.total_epochs": 1, "trainer.default_local_dir": out_dir,
-        "trainer.save_freq": -1, "trainer.test_freq": -1, "trainer.val_before_train": False,
-        "trainer.logger": "jsonl", "trainer.generator_warmup_steps": 0, "trainer.critic_warmup": 0,
-        "trainer.export_hf": False,
-    }
-    if not gad:
-        base["custom_reward_function.path"] = os.path.join(REPO, "megatron_gad", "data", "demo.py")
-        base["custom_reward_function.name"] = "demo_reward"
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return demo_overrides(assets, out_dir, gad, **{"data.val_batch_size": 8, **extra})
 
 
 def train(config: str, overrides: list[str]) -> dict:
@@ -64,11 +33,6 @@ def train(config: str, overrides: list[str]) -> dict:
     cfg = load_config(os.path.join(CONFIGS, config), overrides)
     trainer = Trainer(cfg)
     return trainer.fit()
-
-
-def read_metrics(out_dir: str) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 SCENARIOS = [
@@ -166,22 +130,12 @@ def test_parallel_layouts_reproduce_the_single_process_run(assets, tmp_path, sin
              "actor_rollout_ref.megatron.pipeline_model_parallel_size": pp, **LAYOUT_STEPS}
     run_distributed(train, 2, tp=tp, pp=pp, args=("gad_gspo.yaml", overrides_for(assets, out, True, **extra)),
                     timeout_s=600)
-    rows, ref = _comparable(read_metrics(out)), _comparable(single_process_run)
+    rows, ref = comparable(read_metrics(out)), comparable(single_process_run)
     assert [r["step"] for r in rows] == [1, 2] and "actor/sft_loss" in rows[0] and "actor/pg_loss" in rows[1]
     for got, want in zip(rows, ref):
         assert set(got) == set(want)
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"TP={tp} PP={pp} step {got['step']}: {key}"
-
-
-def _cli(overrides: list[str]) -> list[str]:
-    return [sys.executable, os.path.join(REPO, "examples", "pretrain_gad.py"),
-            "--config", os.path.join(CONFIGS, "gad_gspo.yaml"), *overrides]
-
-
-def _comparable(rows: list[dict]) -> list[dict]:
-    drop = ("timing/", "perf/")
-    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
 
 
 # An adaptive in-reward KL coefficient and the per-epoch row shuffle are trainer state: a resumed
@@ -198,33 +152,29 @@ _ENV_1_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 def uninterrupted(assets, tmp_path_factory) -> list[dict]:
     """Metrics of the uninterrupted reference run of the resume tests."""
     out = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-    subprocess.run(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), check=True, env=_ENV_1_THREAD,
+    subprocess.run(pretrain_cli(overrides_for(assets, out, True, **RESUME_STEPS)), check=True, env=_ENV_1_THREAD,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
     return read_metrics(out)
 
 
 def _kill_when(proc: subprocess.Popen, ready, what: str) -> None:
     """SIGKILL ``proc`` as soon as ``ready()`` holds (polled every millisecond)."""
-    deadline = time.monotonic() + 600
-    while not ready():
-        assert proc.poll() is None, f"the run ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} within 600 s"
-        time.sleep(0.001)
+    wait_for(proc, ready, what, timeout=600, poll_s=0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
 def _resume_and_compare(assets, out: str, uninterrupted: list[dict]) -> None:
-    subprocess.run(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), check=True, env=_ENV_1_THREAD,
+    subprocess.run(pretrain_cli(overrides_for(assets, out, True, **RESUME_STEPS)), check=True, env=_ENV_1_THREAD,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
     cut = read_metrics(out)
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
-    assert _comparable(cut) == _comparable(uninterrupted)
+    assert comparable(cut) == comparable(uninterrupted)
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path, uninterrupted) -> None:
     out = str(tmp_path / "cut")
-    proc = subprocess.Popen(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), env=_ENV_1_THREAD,
+    proc = subprocess.Popen(pretrain_cli(overrides_for(assets, out, True, **RESUME_STEPS)), env=_ENV_1_THREAD,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = os.path.join(out, "latest_checkpointed_iteration.txt")
     _kill_when(proc, lambda: os.path.exists(marker) and open(marker).read().strip() == "4", "its step-4 checkpoint")
@@ -235,7 +185,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(assets, tmp_
     """Killed while global_step_4 is being written: the marker still names step 2, the partial
     directory is discarded, and the resumed run's metrics equal the uninterrupted run's."""
     out = str(tmp_path / "cut")
-    proc = subprocess.Popen(_cli(overrides_for(assets, out, True, **RESUME_STEPS)), env=_ENV_1_THREAD,
+    proc = subprocess.Popen(pretrain_cli(overrides_for(assets, out, True, **RESUME_STEPS)), env=_ENV_1_THREAD,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = os.path.join(out, "global_step_4.tmp")
     _kill_when(proc, lambda: os.path.isdir(os.path.join(partial, "actor")), "its step-4 save")
@@ -243,6 +193,55 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(assets, tmp_
     assert open(os.path.join(out, "latest_checkpointed_iteration.txt")).read().strip() == "2"
     _resume_and_compare(assets, out, uninterrupted)
     assert not os.path.exists(partial)
+
+
+def _rollout_calls(overrides: list[str]) -> list[tuple]:
+    """Per rank: train (resuming when the run directory holds a checkpoint), recording each
+    rollout's (seed, n, greedy, responses)."""
+    from megatron_gad.config import load_config
+    from megatron_gad.trainer import Trainer
+
+    trainer = Trainer(load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), overrides))
+    engine, calls = trainer.parts.rollout_engine, []
+    generate = engine.generate
+
+    def recorded(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        calls.append((kwargs["seed"], kwargs["n"], kwargs["greedy"], out.responses.clone()))
+        return out
+
+    engine.generate = recorded
+    trainer.fit()
+    return calls
+
+
+def test_validation_samples_its_own_stream_and_a_resumed_run_draws_it_again(assets, tmp_path) -> None:
+    """The validation after step 2 samples (one response per prompt, n=1) with seeds no training
+    rollout uses (it once took step 3's), and a run resumed from step 1 samples the very responses
+    of the uninterrupted run at steps 2 and 3."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    val = str(tmp_path / "val.parquet")
+    pq.write_table(pq.read_table(str(assets.val_file)).slice(0, 16), val)  # two batches of 8
+    extra = {"trainer.total_training_steps": 3, "trainer.save_freq": 1, "trainer.test_freq": 2, "data.val_files": val}
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    calls = run_distributed(_rollout_calls, 1, args=(overrides_for(assets, full, True, **extra),), timeout_s=600)[0]
+    shutil.copytree(full, cut)
+    for step in (2, 3):
+        shutil.rmtree(os.path.join(cut, f"global_step_{step}"))
+    with open(os.path.join(cut, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1")
+    resumed = run_distributed(_rollout_calls, 1, args=(overrides_for(assets, cut, True, **extra),), timeout_s=600)[0]
+    sampled = [c for c in calls if c[1] == 1 and not c[2]]
+    assert len(sampled) == 4  # 2 batches at step 2 and at step 3
+    assert not {c[0] for c in sampled} & {c[0] for c in calls if c[1] == 2}  # training: n = 2
+    assert len({c[0] for c in sampled}) == 4
+    again = [c for c in resumed if c[1] == 1 and not c[2]]
+    assert [c[0] for c in again] == [c[0] for c in sampled]
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(again, sampled))
+    assert comparable(read_metrics(cut)) == comparable(read_metrics(full))
 
 
 def _weights_after_setup(overrides: list[str], hf_dir: str) -> dict:
@@ -381,7 +380,7 @@ def test_teacher_forced_diagnostic_feeds_grpo_known_ranks(assets, tmp_path) -> N
 
 
 def _run_cli_expecting_exit_2(overrides: list[str]) -> str:
-    proc = subprocess.run(_cli(overrides), env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run(pretrain_cli(overrides), env={**os.environ, "OMP_NUM_THREADS": "1"},
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
     return proc.stderr.strip().splitlines()[-1]

@@ -80,3 +80,38 @@ def test_step_phases_follow_the_two_warmups() -> None:
     assert phases == [Phase.GENERATOR_WARMUP] * 2 + [Phase.CRITIC_WARMUP] * 3 + [Phase.POLICY] * 2
     assert [step_phase(s, 0, 0) for s in range(2)] == [Phase.POLICY] * 2
     assert [step_phase(s, 0, 1) for s in range(2)] == [Phase.CRITIC_WARMUP, Phase.POLICY]
+
+
+def test_what_a_run_reads_before_any_model_is_built(assets, tmp_path) -> None:
+    """read_run_inputs (the launcher's preflight, and every rank's set-up): GAD data makes the
+    critic the discriminator, read with its weights; standard data under GRPO builds no critic,
+    so its directory is never read; a missing actor weight file is named before any data is read."""
+    from transformers import AutoConfig
+
+    from megatron_gad.hf_io import ConversionError
+    from megatron_gad.trainer_setup import CriticRole, read_run_inputs
+    from tests.helpers import DEMO_REWARD
+
+    models = [f"actor_rollout_ref.model.path={assets.student_dir}",
+              f"actor_rollout_ref.model.tokenizer_path={assets.tokenizer_dir}"]
+    gad = load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), [
+        *models, f"critic.model.path={assets.discriminator_dir}", f"data.train_files={assets.train_file}",
+        f"data.val_files={assets.val_file}", "actor_rollout_ref.rollout.name=cpu"], world_size=1)
+    inputs = read_run_inputs(gad)
+    assert inputs.train_loader.mode is Mode.GAD and inputs.critic_role is CriticRole.DISCRIMINATOR
+    assert inputs.weight_sources == {"actor": "safetensors", "critic": "safetensors"}
+    assert inputs.critic_hf is not None and inputs.tokenizer_dir == str(assets.tokenizer_dir)
+    standard = load_config(os.path.join(CONFIGS, "gspo.yaml"), [
+        *models, f"critic.model.path={tmp_path / 'never_read'}", f"data.train_files={assets.train_standard_file}",
+        "data.val_files=[]", "actor_rollout_ref.rollout.name=cpu",
+        f"custom_reward_function.path={DEMO_REWARD}", "custom_reward_function.name=demo_reward"], world_size=1)
+    inputs = read_run_inputs(standard)
+    assert inputs.critic_role is CriticRole.NONE and inputs.critic_hf is None and inputs.val_loader is None
+    assert inputs.weight_sources == {"actor": "safetensors"}
+    config_only = str(tmp_path / "config_only")
+    AutoConfig.from_pretrained(str(assets.student_dir)).save_pretrained(config_only)
+    no_weights = load_config(os.path.join(CONFIGS, "gad_gspo.yaml"), [
+        f"actor_rollout_ref.model.path={config_only}", f"data.train_files={tmp_path / 'no_such.parquet'}",
+        "actor_rollout_ref.rollout.name=cpu"], world_size=1)
+    with pytest.raises(ConversionError, match=f"^actor_rollout_ref.model.path: no weights found in {config_only} "):
+        read_run_inputs(no_weights)

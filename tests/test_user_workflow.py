@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import CONFIGS, REPO, comparable, read_metrics
+
 SCRIPT = os.path.join(REPO, "examples", "pretrain_gad.py")
-CONFIGS = os.path.join(REPO, "examples", "configs")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -33,13 +33,6 @@ SHORT_RUN = ["data.train_batch_size=4", "data.max_prompt_length=32", "data.max_r
              "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.ppo_mini_batch_size=4",
              "actor_rollout_ref.ppo_micro_batch_size_per_gpu=8", "trainer.total_training_steps=1",
              "trainer.logger=jsonl"]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from megatron_gad.data.demo import ensure_demo_assets
-
-    return ensure_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
 
 
 def tiny_qwen2(out_dir: str, tokenizer_dir: str, seed: int = 5, shards: int = 1) -> dict[str, torch.Tensor]:
@@ -297,9 +290,7 @@ def test_gradient_checkpointing_changes_no_number(assets, tmp_path) -> None:
         out = str(tmp_path / f"recompute_{recompute}")
         granularity = run_distributed(_train_demo, 1, args=(overrides(out, recompute),), timeout_s=600)[0]
         assert granularity == ({"actor": "full", "critic": "full"} if recompute else {"actor": None, "critic": None})
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            rows[recompute] = [{k: v for k, v in json.loads(line).items() if not k.startswith(("timing/", "perf/"))}
-                               for line in f]
+        rows[recompute] = comparable(read_metrics(out))
     assert [r["step"] for r in rows[True]] == [1, 2] and "actor/sft_loss" in rows[True][0]
     assert "actor/pg_loss" in rows[True][1] and "critic/d_loss" in rows[True][1]
     for plain, recomputed in zip(rows[False], rows[True]):

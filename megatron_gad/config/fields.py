@@ -329,6 +329,19 @@ def check_override_path(root: type, path: list[str], source: str) -> None:
         )
 
 
+def parse_override(text: str) -> tuple[list[str], str]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], "value"); the value stays a string (typed later).
+
+    A leading ``+`` (Hydra's "add key") is accepted and ignored: every valid key already exists.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("+")
+    path = key.split(".")
+    if not sep or not key or any(not part for part in path):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    return path, value
+
+
 def set_in(tree: dict, path: list[str], value: Any) -> None:
     """Set ``tree[path[0]][path[1]]... = value``, creating absent (or null) intermediate mappings.
 

@@ -11,7 +11,15 @@ import yaml
 
 from megatron_gad.config import verl_compat
 from megatron_gad.config.checks import merge_actor_keys, resolve_defaults, validate_config
-from megatron_gad.config.fields import ConfigError, check_override_path, flat_keys, from_dict, set_in, to_dict
+from megatron_gad.config.fields import (
+    ConfigError,
+    check_override_path,
+    flat_keys,
+    from_dict,
+    parse_override,
+    set_in,
+    to_dict,
+)
 from megatron_gad.config.schema import TrainConfig
 from megatron_gad.io import atomic_write_text
 
@@ -30,19 +38,6 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top, got {type(data).__name__}")
     return data
-
-
-def parse_override(text: str) -> tuple[list[str], str]:
-    """``"a.b.c=value"`` -> (["a", "b", "c"], "value"); the value stays a string (typed later).
-
-    A leading ``+`` (Hydra's "add key") is accepted and ignored: every valid key already exists.
-    """
-    key, sep, value = text.partition("=")
-    key = key.strip().lstrip("+")
-    path = key.split(".")
-    if not sep or not key or any(not part for part in path):
-        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
-    return path, value
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> set[str]:

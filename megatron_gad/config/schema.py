@@ -237,20 +237,11 @@ class TrainerConfig:
     """Print the whole resolved config at start-up (it is always saved as ``config.yaml``)."""
     max_ckpt_to_keep: int | None = None
     """Keep only the newest N complete checkpoints (older ones are deleted after a new one is
-    complete and marked); None: keep all."""
-    max_actor_ckpt_to_keep: int | None = None
-    """verl's spelling of ``max_ckpt_to_keep`` (both roles share one checkpoint directory)."""
-    max_critic_ckpt_to_keep: int | None = None
-    """verl's spelling of ``max_ckpt_to_keep`` (both roles share one checkpoint directory)."""
+    complete and marked); None: keep all. verl's ``max_actor_ckpt_to_keep`` /
+    ``max_critic_ckpt_to_keep`` set it (:data:`megatron_gad.config.verl_compat.RENAMED`)."""
     save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM"], metadata=choices(STOP_SIGNALS))
     """Signals that make every rank finish the step in flight, save a checkpoint and exit 0 (add
     SIGUSR1 for SLURM's ``--signal``); [] keeps the default action (exit without saving)."""
-
-    def keep_checkpoints(self) -> int | None:
-        """The retention in force: ``max_ckpt_to_keep`` or verl's per-role spellings."""
-        given = {v for v in (self.max_ckpt_to_keep, self.max_actor_ckpt_to_keep, self.max_critic_ckpt_to_keep)
-                 if v is not None}
-        return given.pop() if given else None
 
     def validate(self, where: str) -> None:
         """Raise ValueError naming ``where.<field>`` for an invalid count."""
@@ -265,14 +256,9 @@ class TrainerConfig:
             raise ValueError(f"{where}.max_consecutive_nonfinite must be >= 1")
         if self.log_val_generations < 0:
             raise ValueError(f"{where}.log_val_generations must be >= 0, got {self.log_val_generations}")
-        keeps = {k: getattr(self, k) for k in ("max_ckpt_to_keep", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep")
-                 if getattr(self, k) is not None}
-        for key, value in keeps.items():
-            if value < 1:
-                raise ValueError(f"{where}.{key} must be >= 1 (or unset to keep every checkpoint), got {value}")
-        if len(set(keeps.values())) > 1:
-            raise ValueError(f"{where}: {', '.join(f'{k}={v}' for k, v in keeps.items())} differ; actor and critic "
-                             f"are saved in one checkpoint directory, so set one value (max_ckpt_to_keep)")
+        if self.max_ckpt_to_keep is not None and self.max_ckpt_to_keep < 1:
+            raise ValueError(f"{where}.max_ckpt_to_keep must be >= 1 (or unset to keep every checkpoint), "
+                             f"got {self.max_ckpt_to_keep}")
 
 
 @dataclass

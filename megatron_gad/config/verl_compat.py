@@ -9,6 +9,7 @@ Three kinds of keys (the README's "verl keys" table lists each one):
   ``actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu``, ...). Nothing happens here.
 * **mapped**: verl spells a setting of ours differently or checks something we decide elsewhere;
   the key is rewritten (``actor_rollout_ref.actor.megatron.*`` -> ``actor_rollout_ref.megatron.*``,
+  ``trainer.max_{actor,critic}_ckpt_to_keep`` -> ``trainer.max_ckpt_to_keep``,
   ``trainer.resume_from_path`` -> ``trainer.resume_mode``) or checked and consumed
   (``trainer.n_gpus_per_node`` x ``trainer.nnodes`` against the world size, ``trainer.device``,
   ``actor_rollout_ref.ref.megatron.*`` against the actor's layout, greedy ``val_kwargs``).
@@ -16,7 +17,8 @@ Three kinds of keys (the README's "verl keys" table lists each one):
   have (``use_remove_padding=true``, ``reward_model.enable=true``, ...).
 
 Precedence follows the loader: a command-line value beats the YAML file's. A mapped key and its
-target both given with different values in one source is refused (no silent pick).
+target both given with different values in one source is refused (no silent pick), and so are
+two verl keys mapped onto one of ours with different values.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from megatron_gad.config.fields import ConfigError, _coerce_bool, _coerce_float, _coerce_int, join_key
+from megatron_gad.config.fields import (
+    ConfigError,
+    _coerce_bool,
+    _coerce_float,
+    _coerce_int,
+    join_key,
+    parse_override,
+    set_in,
+)
 
 #: verl's key -> ours, same meaning, different place.
 RENAMED: dict[str, str] = {
     "actor_rollout_ref.actor.megatron.tensor_model_parallel_size": "actor_rollout_ref.megatron.tensor_model_parallel_size",
     "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size": "actor_rollout_ref.megatron.pipeline_model_parallel_size",
+    # both roles are saved in one checkpoint directory, so verl's per-role retentions are one setting
+    "trainer.max_actor_ckpt_to_keep": "trainer.max_ckpt_to_keep",
+    "trainer.max_critic_ckpt_to_keep": "trainer.max_ckpt_to_keep",
 }
 
 #: Megatron keys verl has per role that we accept only at the value we run with: key -> (value, why).
@@ -117,16 +130,6 @@ def _pop(tree: dict[str, Any], key: str) -> None:
             del nodes[depth - 1][path[depth - 1]]
 
 
-def _set(tree: dict[str, Any], key: str, value: Any) -> None:
-    """``tree[a][b]... = value`` for dotted ``key``, creating the sections on the way."""
-    node = tree
-    for part in key.split(".")[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[key.rsplit(".", 1)[-1]] = value
-
-
 def _get(tree: dict[str, Any], key: str) -> Any:
     """``tree[a][b]...`` for dotted ``key``; None when absent."""
     node: Any = tree
@@ -189,9 +192,9 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
     cli_verl: dict[str, Any] = {}
     kept: list[str] = []
     for text in overrides:
-        key, sep, value = text.partition("=")
-        key = key.strip().lstrip("+")
-        if sep and _is_verl_key(key):
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if _is_verl_key(key):
             cli_verl[key] = value
         else:
             kept.append(text)
@@ -205,10 +208,28 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
         if reward_model_off and key.startswith("reward_model.") and key not in FIXED:
             continue  # verl reads the reward model's settings only when it is enabled
         _check_fixed(key, value, sources[key])
+    _rename(tree, kept, merged, cli_verl)
+    kept = _resume_path(tree, kept, merged)
+    _check_other_layouts(tree, kept, merged)
+    _check_world(merged, world_size)
+    _check_device(merged)
+    return tree, kept
+
+
+def _rename(tree: dict[str, Any], kept: list[str], merged: dict[str, Any], cli_verl: dict[str, Any]) -> None:
+    """Write each :data:`RENAMED` key of ``merged`` as ours where it was given: a command-line one
+    as an override appended to ``kept``, a config-file one into ``tree``. Refused: the verl key and
+    ours with different values in one source, and two verl keys of one setting with different
+    values (in any source: in verl they are separate settings). A null verl key is unset."""
+    renamed: dict[str, tuple[str, Any]] = {}  # our key -> the first verl key given for it, its value
     for key, value in merged.items():
-        if key not in RENAMED:
+        if key not in RENAMED or _same(value, None, key):
             continue
         target = RENAMED[key]
+        first, first_value = renamed.setdefault(target, (key, value))
+        if str(first_value).strip() != str(value).strip():
+            raise ConfigError(f"{first}={first_value}, {key}={value} differ (verl): here both are {target}; "
+                              "set one value")
         if key in cli_verl:
             own = _last_override(kept, target)
             if own is not None and str(own).strip() != str(value).strip():
@@ -220,20 +241,15 @@ def translate(tree: dict[str, Any], overrides: Sequence[str], world_size: int) -
             if own is not None and str(own).strip() != str(value).strip():
                 raise ConfigError(f"{key}={value} and {target}={own} are both in the config file; set only one "
                                   "(the same setting)")
-            _set(tree, target, value)
-    kept = _resume_path(tree, kept, merged)
-    _check_other_layouts(tree, kept, merged)
-    _check_world(merged, world_size)
-    _check_device(merged)
-    return tree, kept
+            set_in(tree, target.split("."), value)
 
 
 def _last_override(overrides: Sequence[str], key: str) -> str | None:
     """The value of the last override setting ``key`` (None when none does)."""
     for text in reversed(overrides):
-        k, _, v = text.partition("=")
-        if k.strip().lstrip("+") == key:
-            return v
+        path, value = parse_override(text)
+        if ".".join(path) == key:
+            return value
     return None
 
 
@@ -316,9 +332,9 @@ def world_from_keys(tree: dict[str, Any], overrides: Sequence[str]) -> tuple[int
     (the launcher starts that many processes when ``--nproc-per-node`` is not given)."""
     values = {k: _get(tree, k) for k in WORLD_KEYS}
     for text in overrides:
-        key, sep, value = text.partition("=")
-        if sep and key.strip().lstrip("+") in WORLD_KEYS:
-            values[key.strip().lstrip("+")] = value
+        path, value = parse_override(text)
+        if ".".join(path) in WORLD_KEYS:
+            values[".".join(path)] = value
     if all(v is None for v in values.values()):
         return None
     gpus = _coerce_int(values["trainer.n_gpus_per_node"] if values["trainer.n_gpus_per_node"] is not None else 1,

@@ -10,7 +10,6 @@ from megatron_gad.rollout.base import (
     RolloutOutput,
     TokenSpec,
     WeightBucket,
-    logprob_agreement,
     make_rollout_engine,
     resolve_engine_name,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "TokenSpec",
     "WeightBucket",
     "WeightExporter",
-    "logprob_agreement",
     "make_rollout_engine",
     "resolve_engine_name",
     "sync_weights",

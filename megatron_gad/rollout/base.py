@@ -206,26 +206,6 @@ def make_rollout_engine(cfg: RolloutConfig, hf_config: Any, tokens: TokenSpec) -
     return CPURolloutEngine(cfg, hf_config, tokens, device=str(device()))
 
 
-def logprob_agreement(
-    rollout_log_probs: Tensor, megatron_log_probs: Tensor, response_mask: Tensor
-) -> dict[str, float]:
-    """Mean and max |rollout - megatron| log-prob over valid response tokens ([B, R] each).
-
-    Returns ``{"rollout/logprob_abs_diff_mean": ..., "rollout/logprob_abs_diff_max": ...}``
-    (0.0 for an all-padding batch). Any rank holding both tensors may call it.
-    """
-    if rollout_log_probs.shape != megatron_log_probs.shape or rollout_log_probs.shape != response_mask.shape:
-        raise ValueError(
-            f"logprob_agreement: shapes differ: rollout {tuple(rollout_log_probs.shape)}, "
-            f"megatron {tuple(megatron_log_probs.shape)}, mask {tuple(response_mask.shape)}"
-        )
-    valid = response_mask.bool()
-    diff = (rollout_log_probs.double() - megatron_log_probs.double()).abs()[valid]
-    if diff.numel() == 0:
-        return {"rollout/logprob_abs_diff_mean": 0.0, "rollout/logprob_abs_diff_max": 0.0}
-    return {"rollout/logprob_abs_diff_mean": diff.mean().item(), "rollout/logprob_abs_diff_max": diff.max().item()}
-
-
 def pad_rows(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch.dtype) -> Tensor:
     """Stack variable-length rows into a [len(rows), width] tensor right-padded with ``value``."""
     out = torch.full((len(rows), width), value, dtype=dtype)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_gad.config import ConfigError, load_config
+from megatron_gad.config import ConfigError, config_to_dict, load_config
 
 BASE = ["data.train_files=/d/train.parquet", "actor_rollout_ref.model.path=/m/student", "actor_rollout_ref.rollout.n=2"]
 
@@ -40,11 +40,43 @@ def test_a_verl_launch_script_loads_with_verl_meaning() -> None:
                              "actor_rollout_ref.ppo_micro_batch_size_per_gpu=8", *VERL_SCRIPT], world_size=2)
     arr = cfg.actor_rollout_ref
     assert (arr.megatron.tensor_model_parallel_size, arr.megatron.pipeline_model_parallel_size) == (2, 1)
-    assert cfg.critic.megatron == arr.megatron
     assert cfg.trainer.log_val_generations == 10 and cfg.trainer.resume_mode == "auto"
     assert arr.rollout.log_prob_micro_batch_size_per_gpu == 8
     assert arr.model.enable_gradient_checkpointing and arr.actor.optim.lr_warmup_steps_ratio == 0.1
     assert cfg.critic.optim.lr_warmup_steps_ratio == 0.05
+
+
+def test_the_critic_takes_the_actors_verl_layout_and_other_sizes_are_refused() -> None:
+    """verl gives each role its own Megatron layout; here one parallel state serves every role. A
+    critic without sizes of its own runs with the layout verl's actor keys set; a critic whose
+    sizes differ is refused in one line naming both layouts (never run with the actor's silently)."""
+    base = [*BASE, "data.train_batch_size=8", "actor_rollout_ref.ppo_mini_batch_size=8",
+            "actor_rollout_ref.ppo_micro_batch_size_per_gpu=8",
+            "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"]
+    critic = load_config(None, base, world_size=4).critic.megatron
+    assert (critic.tensor_model_parallel_size, critic.pipeline_model_parallel_size) == (2, 1)
+    with pytest.raises(ConfigError, match=r"critic.megatron \(TP=1, PP=2\) differs from actor_rollout_ref.megatron "
+                                          r"\(TP=2, PP=1\): both roles share one Megatron parallel state"):
+        load_config(None, [*base, "critic.megatron.tensor_model_parallel_size=1",
+                           "critic.megatron.pipeline_model_parallel_size=2"], world_size=4)
+
+
+def test_verls_per_role_retentions_are_the_one_retention(tmp_path: Path) -> None:
+    """Both roles share one checkpoint directory: ``max_{actor,critic}_ckpt_to_keep`` set
+    ``trainer.max_ckpt_to_keep``, must agree (in any source), and a null one is unset."""
+    path = tmp_path / "verl.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"max_actor_ckpt_to_keep": 2, "max_critic_ckpt_to_keep": None}}))
+    assert load_config(str(path), BASE, world_size=1).trainer.max_ckpt_to_keep == 2
+    both = load_config(str(path), [*BASE, "trainer.max_critic_ckpt_to_keep=2"], world_size=1)
+    assert both.trainer.max_ckpt_to_keep == 2
+    assert load_config(str(path), [*BASE, "trainer.max_ckpt_to_keep=5"], world_size=1).trainer.max_ckpt_to_keep == 5
+    with pytest.raises(ConfigError, match=r"trainer.max_actor_ckpt_to_keep=2, trainer.max_critic_ckpt_to_keep=3 "
+                                          r"differ \(verl\): here both are trainer.max_ckpt_to_keep"):
+        load_config(str(path), [*BASE, "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
+    with pytest.raises(ConfigError, match=r"max_critic_ckpt_to_keep=3 and trainer.max_ckpt_to_keep=4 are both on "
+                                          r"the command line"):
+        load_config(None, [*BASE, "trainer.max_ckpt_to_keep=4", "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
+    assert "max_actor_ckpt_to_keep" not in yaml.safe_dump(config_to_dict(both))  # saved as ours
 
 
 def test_the_same_keys_in_a_yaml_file(tmp_path: Path) -> None:

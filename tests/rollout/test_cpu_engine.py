@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_gad.rollout.base import RolloutConfig, TokenSpec, logprob_agreement
+from megatron_gad.rollout.base import RolloutConfig, TokenSpec
 from megatron_gad.rollout.cpu_engine import CPURolloutEngine, filter_logits
 from megatron_gad.runtime.spawn import run_distributed
 
@@ -124,6 +124,12 @@ def megatron_logprobs(chunks, ids: torch.Tensor, mask: torch.Tensor, resp: torch
     return logp * resp.response_mask, step_logits.argmax(-1)
 
 
+def max_abs_diff(rollout: torch.Tensor, megatron: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest |rollout - Megatron| log-prob over the valid response tokens ([B, R] each)."""
+    assert rollout.shape == megatron.shape == mask.shape
+    return float((rollout.double() - megatron.double()).abs()[mask.bool()].max())
+
+
 def sync_and_step(arch: str, tied: bool) -> dict:
     """One rank (TP1): Megatron actor -> export -> CPU engine; sample, compare; step; sync; compare."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -153,8 +159,8 @@ def sync_and_step(arch: str, tied: bool) -> dict:
         shared = {n for n, p in engine.model.named_parameters() if p.untyped_storage().data_ptr() in megatron_storage}
         out[phase] = {
             "shared": shared, "hf_names": {n for n, _ in engine.model.named_parameters()},
-            "sampled": logprob_agreement(sampled.rollout_log_probs, meg, sampled.response_mask),
-            "greedy": logprob_agreement(greedy.rollout_log_probs, meg_greedy, greedy.response_mask),
+            "sampled": max_abs_diff(sampled.rollout_log_probs, meg, sampled.response_mask),
+            "greedy": max_abs_diff(greedy.rollout_log_probs, meg_greedy, greedy.response_mask),
             "argmax_match": bool(((argmax == greedy.responses) | (greedy.response_mask == 0)).all()),
             "greedy_tokens": greedy.responses, "num_buckets": stats.num_buckets,
         }
@@ -184,8 +190,8 @@ def test_rollout_logprobs_agree_with_megatron_before_and_after_a_step(arch: str,
         r = res[phase]
         print(arch, phase, r["sampled"], r["greedy"])
         assert r["num_buckets"] > 1, "the sync should stream several buckets"
-        assert r["sampled"]["rollout/logprob_abs_diff_max"] < 1e-4, f"{phase}: {r['sampled']}"
-        assert r["greedy"]["rollout/logprob_abs_diff_max"] < 1e-4, f"{phase}: {r['greedy']}"
+        assert r["sampled"] < 1e-4, f"{phase}: {r['sampled']}"
+        assert r["greedy"] < 1e-4, f"{phase}: {r['greedy']}"
         assert r["argmax_match"], f"{phase}: greedy tokens are not the Megatron argmax"
         # TP=1, fp32 both sides: the engine reads the live Megatron parameters; only the q/k/v
         # split of the fused QKV (and its bias) is a copy
@@ -193,16 +199,6 @@ def test_rollout_logprobs_agree_with_megatron_before_and_after_a_step(arch: str,
         assert r["shared"] == r["hf_names"] - copied, f"{phase}: {sorted(r['hf_names'] - copied - r['shared'])}"
     assert not torch.equal(res["before"]["greedy_tokens"], res["after"]["greedy_tokens"]), \
         "the optimizer step + sync did not change the engine's greedy output"
-
-
-def test_logprob_agreement_metric() -> None:
-    a = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.25, -3.0]])
-    b = torch.tensor([[-1.5, -2.0, 7.0], [-0.5, -0.5, -3.0]])
-    m = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    got = logprob_agreement(a, b, m)
-    assert got == {"rollout/logprob_abs_diff_mean": pytest.approx(0.75 / 5), "rollout/logprob_abs_diff_max": 0.5}
-    with pytest.raises(ValueError, match="shapes differ"):
-        logprob_agreement(a, b[:, :2], m)
 
 
 def test_a_diverged_model_is_refused_not_sampled() -> None:

@@ -57,19 +57,28 @@ def test_cpu_clip_scales_like_megatron() -> None:
     assert abs(float(torch.cat([p.grad for p in params]).norm()) - 1.0) < 1e-5
 
 
-def test_threads_follow_the_cores_per_local_rank_unless_omp_is_set(capsys) -> None:
+def test_threads_follow_the_cores_per_local_rank_unless_omp_is_set(capsys, monkeypatch) -> None:
     import os
 
+    from megatron_gad.runtime import distributed
     from megatron_gad.runtime.distributed import configure_threads
 
+    def printed() -> int:
+        return capsys.readouterr().out.count("torch intra-op threads")
+
+    monkeypatch.setattr(distributed, "_THREADS_REPORTED", False)  # as in a fresh process
     before = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
         assert configure_threads({"OMP_NUM_THREADS": "3"}) is None  # the user's choice stands
-        assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == before and printed() == 0  # nothing chosen, nothing said
+        assert configure_threads({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == max(1, cores // 2)
+        assert printed() == 0  # only local rank 0 says it
+        monkeypatch.setattr(distributed, "_THREADS_REPORTED", False)  # a fresh local rank 0
         assert configure_threads({"LOCAL_WORLD_SIZE": "1"}) == cores == torch.get_num_threads()
+        assert printed() == 1  # its first choice is said
         assert configure_threads({"LOCAL_WORLD_SIZE": str(4 * cores)}) == 1 == torch.get_num_threads()
-        assert capsys.readouterr().out.count("torch intra-op threads") <= 1  # printed once per process
+        assert printed() == 0  # printed once per process
     finally:
         torch.set_num_threads(before)
 
