@@ -46,6 +46,12 @@ def test_scaling() -> None:
     assert re.match(r"^r2=\S+ tp2=\S+ pp2=\S+ tp2pp2=\S+$", lines[-1])
 
 
+def test_logits_window() -> None:
+    lines = _run("logits_window.py", "--layers", "1", "--hidden", "64", "--vocab", "512", "--rows", "8", "--micro", "4",
+                 "--prompt", "6", "--response", "4", "--runs", "1")
+    assert re.match(r"^gspo_ratio=\S+ sft_ratio=\S+$", lines[-1])
+
+
 def test_gad_vs_seqkd(tmp_path) -> None:
     lines = _run("gad_vs_seqkd.py", "--task", "arith", "--seeds", "1", "--steps", "2", "--jobs", "1",
                  "--out", str(tmp_path))
