@@ -3,8 +3,8 @@
 Both are pure functions of ``trainer.seed``, the step and the data-parallel rank, so a resumed run
 draws what an uninterrupted one draws. The two ranges never meet: a training seed is below
 ``2^61`` (for any ``trainer.seed`` below about 2.3e12), a validation seed in ``[2^61, 2^61 + 2^60)``,
-leaving room below ``2^63`` for an engine's per-prompt offsets (vLLM adds ``i * n`` for prompt i).
-Called on a replica's rollout rank before each ``generate``.
+An engine that seeds each prompt of a call separately (vLLM) derives the prompts' seeds from the
+call's with :func:`prompt_seeds`. Called on a replica's rollout rank before each ``generate``.
 """
 
 from __future__ import annotations
@@ -33,3 +33,16 @@ def validation_seed(run_seed: int, step: int, batch: int, dp_rank: int) -> int:
     text = f"validation/{run_seed}/{step}/{batch}/{dp_rank}".encode()
     digest = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
     return _VALIDATION_STREAM + (digest >> 4)
+
+
+def prompt_seeds(seed: int, prompts: int) -> list[int]:
+    """Per-prompt seeds of one ``generate`` call seeded with ``seed``, for an engine that seeds
+    each prompt's request itself and its ``j``-th sample with ``+ j`` (vLLM): a hash of the call's
+    seed and the prompt's index, below ``2^62``. Calls whose seeds are close (the DP ranks of a
+    step, consecutive steps) get unrelated streams; with ``seed + i * n`` instead, DP rank 1's
+    prompt i drew rank 0's prompt i stream shifted by one sample."""
+    out = []
+    for i in range(prompts):
+        digest = hashlib.blake2b(f"prompt/{seed}/{i}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 2)
+    return out

@@ -77,6 +77,7 @@ from megatron_gad.rollout.base import (
     pad_rows,
     vllm_unavailable_reason,
 )
+from megatron_gad.seeds import prompt_seeds
 
 SUPPORTED_VLLM = ">=0.10.2,<0.34"
 
@@ -251,8 +252,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self, prompt_ids: Tensor, prompt_mask: Tensor, n: int | None = None,
         greedy: bool = False, seed: int | None = None,
     ) -> RolloutOutput:
-        """Sample ``n`` responses per left-padded prompt ([B, P]). Prompt i uses seed
-        ``seed + i * n`` (vLLM gives its j-th sample ``+ j``), so all rows are distinct streams."""
+        """Sample ``n`` responses per left-padded prompt ([B, P]). Prompt i uses the seed
+        ``prompt_seeds(seed, B)[i]`` (vLLM gives its j-th sample ``+ j``): unrelated streams for
+        every prompt of every call, whatever the calls' seeds."""
         from vllm.inputs import TokensPrompt
 
         if not self._weights_valid:
@@ -263,7 +265,7 @@ class VLLMRolloutEngine(RolloutEngine):
         prompts = [
             TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu())
         ]
-        params = [self._sampling_params(n, greedy, base + i * n) for i in range(len(prompts))]
+        params = [self._sampling_params(n, greedy, s) for s in prompt_seeds(base, len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         tokens, logps = [], []
         for request in outputs:
