@@ -172,3 +172,32 @@ def test_cli_end_to_end_as_processes(tmp_path) -> None:
             if f.endswith(".safetensors"):
                 state.update(load_file(os.path.join(d, f)))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bin_weights_are_loaded_once_per_file(tmp_path, monkeypatch) -> None:
+    """A ``pytorch_model.bin`` directory (one file, then shards without an index): listing the
+    tensor names and reading every tensor does one ``torch.load`` per file, and the tensors read
+    equal the saved ones."""
+    from megatron_gad.hf_io import SafetensorsReader
+
+    src = load_file(os.path.join(save_tiny_llama(str(tmp_path / "st")), "model.safetensors"))
+    names = sorted(src)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    for d in (single, sharded):
+        shutil.copytree(tmp_path / "st", d, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(src, single / "pytorch_model.bin")
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        torch.save({n: src[n] for n in part}, sharded / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+    real_load, loads = torch.load, []
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    for directory, files in ((single, 1), (sharded, 2)):
+        loads.clear()
+        reader = SafetensorsReader(str(directory))
+        got = {n: reader.get(n) for n in reader.keys()}
+        assert len(loads) == files == len(set(loads)), loads
+        assert set(got) == set(src) and all(torch.equal(got[n], src[n]) for n in src)
