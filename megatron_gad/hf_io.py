@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from megatron_gad.errors import UserError
+from megatron_gad.io import fsync_path
 from megatron_gad.models import hf_mapping as hfm
 from megatron_gad.models.transformer import model_args_from_hf
 
@@ -267,7 +268,8 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 class ShardWriter:
-    """Write HF tensors into safetensors files of at most ``max_bytes`` each (one writer rank)."""
+    """Write HF tensors into safetensors files of at most ``max_bytes`` each (one writer rank);
+    each file is flushed to disk once written."""
 
     def __init__(self, directory: str, prefix: str, max_bytes: int | None) -> None:
         self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
@@ -289,6 +291,7 @@ class ShardWriter:
             return
         file = f"{self.prefix}-{len(self.files):05d}.safetensors"
         save_file(self.pending, os.path.join(self.directory, file), metadata={"format": "pt"})
+        fsync_path(os.path.join(self.directory, file))  # by the rank that wrote it (any node)
         self.files.append((file, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
