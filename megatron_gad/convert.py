@@ -297,7 +297,8 @@ class MegatronMeta:
 
 def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any, MegatronMeta]:
     """Check a Megatron directory written by :func:`hf_to_megatron` (config, meta, checkpoint
-    metadata, layout divisibility) without loading tensors. Raises ConversionError."""
+    metadata: the stored tensors are those of the config's model; layout divisibility) without
+    loading tensors. Raises ConversionError."""
     config = read_hf_config(megatron_dir)
     meta_path = os.path.join(megatron_dir, MEGATRON_META_FILE)
     if not os.path.isfile(meta_path):
@@ -312,6 +313,7 @@ def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any
     if not isinstance(raw, dict) or raw.get("role") not in hfm.ROLES:
         raise ConversionError(f"{meta_path}: role {raw.get('role')!r} is not one of {hfm.ROLES}")
     _check_layout(config, tp, pp)
+    stored_tensors_by_stage(megatron_dir, config, raw["role"], pp)  # the stored tensors fit config.json
     return config, MegatronMeta(raw["role"], raw["architecture"], getattr(torch, raw.get("dtype", "float32")))
 
 
@@ -591,7 +593,8 @@ def verify_logits(hf_dir: str, megatron_dir: str, batch: int = 2, seq: int = 16,
 def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, pp: int = 1) -> int:
     """Run a converter CLI on this process (one process, or one torchrun rank): ``preflight()``
     before any process group, then ``init_distributed(tp, pp)``, ``work()`` and teardown.
-    A user error prints ``error: <message>`` on one line to stderr and returns 2."""
+    A user error, or an OSError (a full disk, a read-only output directory), prints
+    ``error: <message>`` on one line to stderr and returns 2."""
     import signal
     import sys
 
@@ -609,6 +612,6 @@ def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, 
             return work()
         finally:
             destroy_distributed()
-    except UserError as e:  # ConversionError, MappingError, UnsupportedModelError, ...; others keep their traceback
+    except (UserError, OSError) as e:  # ConversionError, MappingError, ...; a full disk; others keep their traceback
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -201,3 +201,74 @@ def test_bin_weights_are_loaded_once_per_file(tmp_path, monkeypatch) -> None:
         got = {n: reader.get(n) for n in reader.keys()}
         assert len(loads) == files == len(set(loads)), loads
         assert set(got) == set(src) and all(torch.equal(got[n], src[n]) for n in src)
+
+
+@pytest.fixture(scope="module")
+def megatron_dir(hf_dir: str, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("meg") / "model")
+    assert load_tool("hf_to_megatron").main(["--hf-dir", hf_dir, "--out", out]) == 0
+    return out
+
+
+def test_megatron_checkpoint_that_does_not_fit_its_config(megatron_dir: str, tmp_path, capsys) -> None:
+    """The stored tensors are checked against config.json before any work: a layer count that
+    differs, or a role whose tensors the checkpoint does not hold, is one error line."""
+    out = str(tmp_path / "out")
+    fewer = shutil.copytree(megatron_dir, str(tmp_path / "fewer_layers"))
+    with open(os.path.join(fewer, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(fewer, "config.json"), "w") as f:
+        json.dump({**config, "num_hidden_layers": 1}, f)
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", fewer, "--out", out], "expected 1 layers first", out)
+    critic = shutil.copytree(megatron_dir, str(tmp_path / "not_a_critic"))
+    with open(os.path.join(critic, "megatron_gad_meta.json"), "w") as f:
+        json.dump({"format": 1, "role": "critic", "architecture": "llama", "dtype": "float32"}, f)
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", critic, "--out", out],
+              "does not hold the critic of its config.json: missing ['trunk.embedding", out)
+
+
+def test_megatron_to_hf_full_disk_is_one_line_and_leaves_nothing(megatron_dir: str, tmp_path, capsys,
+                                                                  monkeypatch) -> None:
+    """The second shard's write fails half-way, as on a full disk: one error line naming the
+    file, exit 2, and neither the output nor its temporary directory is left."""
+    import errno
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 64)  # a torn file
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    out = str(tmp_path / "out")
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", megatron_dir, "--out", out, "--max-shard-size", "40KB"],
+              "No space left on device: '" + f"{os.path.abspath(out)}.tmp-{os.getpid()}" + "/part-", out)
+    assert len(calls) == 2 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name descriptors")
+def test_megatron_to_hf_output_is_on_disk_before_it_is_renamed_into_place(megatron_dir: str, tmp_path,
+                                                                          monkeypatch) -> None:
+    """Every file of the HF directory and the directory itself are fsynced under the temporary
+    name (before the rename), and the parent directory after it."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = str(tmp_path / "out")
+    argv = ["--megatron-dir", megatron_dir, "--out", out, "--max-shard-size", "40KB"]
+    assert load_tool("megatron_to_hf").main(argv) == 0
+    tmp = f"{os.path.abspath(out)}.tmp-{os.getpid()}"
+    files = os.listdir(out)
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1 and "config.json" in files
+    assert {os.path.join(tmp, f) for f in files} | {tmp} <= set(synced), (files, synced)
+    assert synced[-1] == str(tmp_path) and synced.index(tmp) < len(synced) - 1
