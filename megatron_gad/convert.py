@@ -251,6 +251,58 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
     return nbytes
 
 
+def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, config: Any, role: str) -> tuple[dict, int]:
+    """The sharded state dict megatron-core saves for this rank's stage (its keys, offsets,
+    replica ids and dtypes: ``model.sharded_state_dict()``), with every tensor's data taken from
+    the HF tensors instead of the parameters, which stay unwritten: no copy into the model, and
+    the fused fc1 saved from the HF gate and up projections as they are (megatron-core's factory
+    would concatenate them into the parameter and copy its halves out again). Returns the state
+    dict and the bytes read. Raises MappingError on a tensor that does not fit."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_gad.models.sharding import global_name, is_tp_sharded, layer_offset
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset, params = layer_offset(model), dict(model.named_parameters())
+    args = model_args_from_hf(config)
+    nbytes = 0
+
+    def get(name: str) -> Tensor:
+        nonlocal nbytes
+        t = reader.get(name)
+        nbytes += t.numel() * t.element_size()
+        return t
+
+    def with_data(sh: ShardedTensor, data: Tensor) -> ShardedTensor:
+        return replace(sh, data=data.to(sh.dtype))  # megatron-core checks shape and dtype again
+
+    state = model.sharded_state_dict()
+    for key, sh in _progress(list(state.items()), "hf -> megatron"):
+        if key not in params:  # _extra_state objects: saved as the model has them
+            continue
+        name, param = global_name(key, offset), params[key]
+        if isinstance(sh, ShardedTensorFactory) and is_fused_fc1(name):
+            sources, _ = hfm.hf_sources(name, config, role)
+            halves = []
+            for src in sources:
+                t = get(src)
+                if tuple(t.shape) != hfm.hf_shape(src, args, role):
+                    raise hfm.MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hfm.hf_shape(src, args, role)}")
+                halves.append(t.chunk(tp, dim=int(param.partition_dim))[tp_rank] if tp > 1 and is_tp_sharded(param) else t)
+            state[key] = [with_data(part, half) for part, half in zip(sh.build(), halves)]  # [gate, up]
+            continue
+        if not isinstance(sh, ShardedTensor):
+            raise ConversionError(f"cannot save {key!r}: megatron-core describes it as {type(sh).__name__}")
+        full = hfm.megatron_tensor_from_hf(name, get, config, role)
+        if full is None:  # tied output layer on the last stage (PP > 1)
+            full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role)
+        state[key] = with_data(sh, shard_for_rank(name, full, param, tp, tp_rank))
+    return state, nbytes
+
+
 def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtype | None = None,
                    init_score_head: float | None = None) -> dict:
     """Convert an HF directory into a Megatron checkpoint at ``out`` (collective, any TP/PP).
@@ -261,11 +313,11 @@ def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtyp
     config, reader = preflight_hf(hf_dir, role, *_layout(), init_score_head=init_score_head)
     dtype = dtype or reader.get("model.norm.weight").dtype
     with atomic_output_dir(out) as tmp:
-        model = build_stage(config, role, dtype)
-        nbytes = fill_stage_from_hf(model, reader, config, role)
-        from megatron_gad.checkpoint import save_model
+        from megatron.core import dist_checkpointing
 
-        save_model([model], tmp)
+        model = build_stage(config, role, dtype)
+        state, nbytes = hf_sharded_state_dict(model, reader, config, role)
+        dist_checkpointing.save(state, tmp)
         if _rank() == 0:
             config.save_pretrained(tmp)
             copy_aux_files(hf_dir, tmp)

@@ -203,10 +203,18 @@ def test_bin_weights_are_loaded_once_per_file(tmp_path, monkeypatch) -> None:
         assert set(got) == set(src) and all(torch.equal(got[n], src[n]) for n in src)
 
 
+def _convert_to_megatron(hf_dir: str, out: str) -> None:
+    convert.hf_to_megatron(hf_dir, out)
+
+
 @pytest.fixture(scope="module")
 def megatron_dir(hf_dir: str, tmp_path_factory) -> str:
+    """``hf_dir`` converted by a forked rank (a process group in the pytest process itself would
+    be inherited by the ranks that later tests fork)."""
+    from megatron_gad.runtime.spawn import run_distributed
+
     out = str(tmp_path_factory.mktemp("meg") / "model")
-    assert load_tool("hf_to_megatron").main(["--hf-dir", hf_dir, "--out", out]) == 0
+    run_distributed(_convert_to_megatron, 1, args=(hf_dir, out))
     return out
 
 
@@ -227,10 +235,21 @@ def test_megatron_checkpoint_that_does_not_fit_its_config(megatron_dir: str, tmp
               "does not hold the critic of its config.json: missing ['trunk.embedding", out)
 
 
-def test_megatron_to_hf_full_disk_is_one_line_and_leaves_nothing(megatron_dir: str, tmp_path, capsys,
-                                                                  monkeypatch) -> None:
-    """The second shard's write fails half-way, as on a full disk: one error line naming the
-    file, exit 2, and neither the output nor its temporary directory is left."""
+def test_an_os_error_is_one_line_and_exit_2(capsys) -> None:
+    """A full disk (any OSError) ends a converter CLI like a user error: one line, exit 2."""
+    import errno
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+
+    assert convert.run_cli(full_disk, lambda: 0) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: [Errno 28] No space left on device: '/out/model.safetensors'"], err
+
+
+def _export_with_a_full_disk(meg_dir: str, out: str) -> int:
+    """megatron_to_hf with small shards whose second file write fails half-way, as on a full
+    disk; returns how many writes were tried."""
     import errno
 
     import safetensors.torch
@@ -245,29 +264,47 @@ def test_megatron_to_hf_full_disk_is_one_line_and_leaves_nothing(megatron_dir: s
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    safetensors.torch.save_file = save_file
+    try:
+        convert.megatron_to_hf(meg_dir, out, max_shard_size="40KB")
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC and len(calls) == 2
+        return len(calls)
+    raise AssertionError("the injected write failure did not surface")
+
+
+def test_megatron_to_hf_failing_write_leaves_no_output_and_no_temporary(megatron_dir: str, tmp_path) -> None:
+    from megatron_gad.runtime.spawn import run_distributed
+
     out = str(tmp_path / "out")
-    run_error(capsys, "megatron_to_hf", ["--megatron-dir", megatron_dir, "--out", out, "--max-shard-size", "40KB"],
-              "No space left on device: '" + f"{os.path.abspath(out)}.tmp-{os.getpid()}" + "/part-", out)
-    assert len(calls) == 2 and os.listdir(tmp_path) == []
+    assert run_distributed(_export_with_a_full_disk, 1, args=(megatron_dir, out)) == [2]
+    assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name descriptors")
-def test_megatron_to_hf_output_is_on_disk_before_it_is_renamed_into_place(megatron_dir: str, tmp_path,
-                                                                          monkeypatch) -> None:
-    """Every file of the HF directory and the directory itself are fsynced under the temporary
-    name (before the rename), and the parent directory after it."""
+def _export_recording_fsyncs(meg_dir: str, out: str) -> tuple[list[str], str]:
+    """megatron_to_hf with every os.fsync recorded by the path of its descriptor."""
     real, synced = os.fsync, []
 
     def fsync(fd):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    os.fsync = fsync
+    try:
+        convert.megatron_to_hf(meg_dir, out, max_shard_size="40KB")
+    finally:
+        os.fsync = real
+    return synced, f"{os.path.abspath(out)}.tmp-{os.getpid()}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name descriptors")
+def test_megatron_to_hf_output_is_on_disk_before_it_is_renamed_into_place(megatron_dir: str, tmp_path) -> None:
+    """Every file of the HF directory and the directory itself are fsynced under the temporary
+    name (before the rename), and the parent directory after it."""
+    from megatron_gad.runtime.spawn import run_distributed
+
     out = str(tmp_path / "out")
-    argv = ["--megatron-dir", megatron_dir, "--out", out, "--max-shard-size", "40KB"]
-    assert load_tool("megatron_to_hf").main(argv) == 0
-    tmp = f"{os.path.abspath(out)}.tmp-{os.getpid()}"
+    synced, tmp = run_distributed(_export_recording_fsyncs, 1, args=(megatron_dir, out))[0]
     files = os.listdir(out)
     assert len([f for f in files if f.endswith(".safetensors")]) > 1 and "config.json" in files
     assert {os.path.join(tmp, f) for f in files} | {tmp} <= set(synced), (files, synced)
