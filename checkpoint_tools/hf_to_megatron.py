@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 4 checkpoint_tools/hf_to_megatron.py --hf-dir DIR --out DIR --tp 2 --pp 2
 
 The checkpoint loads at any TP/PP layout; running under torchrun only spreads the work (each rank
-reads and writes its own shards). Exit 2 with a one-line message on a user error.
+reads and writes its own shards). Exit 2 with a one-line message on a user error or an OS error
+(a full disk).
 """
 
 from __future__ import annotations

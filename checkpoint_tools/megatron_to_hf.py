@@ -5,7 +5,10 @@
 
 Writes config.json (``<Arch>ForCausalLM``, or ``<Arch>ForSequenceClassification`` with
 ``num_labels=1`` for a critic), ``model.safetensors`` or shards with an index, and the tokenizer
-files kept in the Megatron directory. Exit 2 with a one-line message on a user error.
+files kept in the Megatron directory, all flushed to disk before the directory appears. The
+checkpoint is read without building a model; under torchrun each pipeline stage's TP-rank-0 rank
+reads and writes that stage's layers. Exit 2 with a one-line message on a user error or an OS
+error (a full disk).
 """
 
 from __future__ import annotations

@@ -3,18 +3,22 @@
 The CLIs in ``checkpoint_tools/`` are thin wrappers around this module:
 
 - :func:`hf_to_megatron` reads ``config.json`` + safetensors (one file, shards with an index, or
-  shards without one), fills this rank's (TP/PP-sharded) model stage tensor by tensor from lazily
-  read HF tensors, and saves with :func:`megatron_gad.checkpoint.save_model`. The Megatron
-  directory also gets the HF ``config.json``, tokenizer files and ``megatron_gad_meta.json``
-  (role, architecture, dtype) so it can be turned back into HF form without the source directory.
-- :func:`megatron_to_hf` loads a checkpoint at this run's layout, gathers full tensors per stage
-  (:func:`megatron_gad.models.sharding.full_tensors`), maps them to HF names and writes safetensors
-  shards (one writer per pipeline stage) plus an index when there is more than one file.
+  shards without one) or ``pytorch_model*.bin``, builds this rank's (TP/PP-sharded) model stage
+  for its sharded state dict only, puts the lazily read HF tensors (this rank's TP slices) into
+  that state dict in place of the parameters (:func:`hf_sharded_state_dict`) and saves it with
+  ``dist_checkpointing.save``. The Megatron directory also gets the HF ``config.json``, tokenizer
+  files and ``megatron_gad_meta.json`` (role, architecture, dtype) so it can be turned back into
+  HF form without the source directory.
+- :func:`megatron_to_hf` reads each pipeline stage's tensors straight from the checkpoint,
+  without building a model (:func:`read_stage_hf_tensors`), maps them to HF names and writes
+  safetensors shards (one writer per pipeline stage) plus an index when there is more than one
+  file.
 - :func:`verify_logits` runs the HF model and the Megatron model on the same random tokens.
 
-Every function taking a model is collective (all ranks, after ``init_distributed``); the
-``preflight_*`` checks are cheap, local and run before any process group exists. Output is
-written to ``<out>.tmp-<pid>`` and renamed at the end: a failure leaves no output directory.
+Every function taking a model or a checkpoint's tensors is collective (all ranks, after
+``init_distributed``); the ``preflight_*`` checks are cheap, local and run before any process
+group exists. Output is written to ``<out>.tmp-<pid>``, flushed to disk and renamed at the end: a
+failure leaves no output directory, and a crash no torn one.
 """
 
 from __future__ import annotations
