@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 4 checkpoint_tools/hf_to_megatron.py --hf-dir DIR --out DIR --tp 2 --pp 2
 
 The checkpoint loads at any TP/PP layout; running under torchrun only spreads the work (each rank
-reads and writes its own shards). Exit 2 with a one-line message on a user error.
+reads and writes its own shards). Exit 2 with a one-line message on a user error or an OS error
+(a full disk).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import time
 
 import torch
 
-from megatron_gad import convert
+from megatron_gad.runtime.cpu_shims import skip_jit_fuser
+
+skip_jit_fuser()  # before megatron-core's import: on CPU its fused functions never run (~1.5 CPU-s of start-up)
+
+from megatron_gad import convert  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -3,25 +3,31 @@
 The CLIs in ``checkpoint_tools/`` are thin wrappers around this module:
 
 - :func:`hf_to_megatron` reads ``config.json`` + safetensors (one file, shards with an index, or
-  shards without one), fills this rank's (TP/PP-sharded) model stage tensor by tensor from lazily
-  read HF tensors, and saves with :func:`megatron_gad.checkpoint.save_model`. The Megatron
-  directory also gets the HF ``config.json``, tokenizer files and ``megatron_gad_meta.json``
-  (role, architecture, dtype) so it can be turned back into HF form without the source directory.
-- :func:`megatron_to_hf` loads a checkpoint at this run's layout, gathers full tensors per stage
-  (:func:`megatron_gad.models.sharding.full_tensors`), maps them to HF names and writes safetensors
-  shards (one writer per pipeline stage) plus an index when there is more than one file.
+  shards without one) or ``pytorch_model*.bin``, builds this rank's (TP/PP-sharded) model stage
+  for its sharded state dict only, puts the lazily read HF tensors (this rank's TP slices) into
+  that state dict in place of the parameters (:func:`hf_sharded_state_dict`) and saves it with
+  ``dist_checkpointing.save``. The Megatron directory also gets the HF ``config.json``, tokenizer
+  files and ``megatron_gad_meta.json`` (role, architecture, dtype) so it can be turned back into
+  HF form without the source directory.
+- :func:`megatron_to_hf` reads each pipeline stage's tensors straight from the checkpoint,
+  without building a model (:func:`read_stage_hf_tensors`), maps them to HF names and writes
+  safetensors shards (one writer per pipeline stage) plus an index when there is more than one
+  file.
 - :func:`verify_logits` runs the HF model and the Megatron model on the same random tokens.
 
-Every function taking a model is collective (all ranks, after ``init_distributed``); the
-``preflight_*`` checks are cheap, local and run before any process group exists. Output is
-written to ``<out>.tmp-<pid>`` and renamed at the end: a failure leaves no output directory.
+Every function taking a model or a checkpoint's tensors is collective (all ranks, after
+``init_distributed``); the ``preflight_*`` checks are cheap, local and run before any process
+group exists. Output is written to ``<out>.tmp-<pid>``, flushed to disk and renamed at the end: a
+failure leaves no output directory, and a crash no torn one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -31,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_gad.errors import UserError
+from megatron_gad.io import fsync_path, fsync_tree
 from megatron_gad.hf_io import (  # noqa: F401  (re-exported for the CLIs and tests)
     INDEX_FILE,
     MEGATRON_META_FILE,
@@ -45,6 +52,7 @@ from megatron_gad.hf_io import (  # noqa: F401  (re-exported for the CLIs and te
     read_hf_config,
 )
 from megatron_gad.models import hf_mapping as hfm
+from megatron_gad.models.sharding import is_fused_fc1
 from megatron_gad.models.transformer import model_args_from_hf, transformer_config_from_hf
 
 
@@ -117,7 +125,9 @@ def _barrier() -> None:
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a temporary directory ``<out>.tmp-<pid of rank 0>`` (collective); it becomes ``out``
     when the block succeeds on every rank and is removed by whichever rank the block raises on
-    (a failing rank's peers are typically blocked in a collective until torchrun kills them)."""
+    (a failing rank's peers are typically blocked in a collective until torchrun kills them).
+    Before the rename rank 0 flushes every file and directory of it to disk, and after it the
+    parent directory, so ``out`` is never a torn directory after a crash."""
     check_output_free(out)
     pid = [os.getpid()]
     if dist.is_initialized():
@@ -130,7 +140,9 @@ def atomic_output_dir(out: str) -> Iterator[str]:
         yield tmp
         _barrier()
         if _rank() == 0:
+            fsync_tree(tmp)
             os.rename(tmp, out)
+            fsync_path(os.path.dirname(os.path.abspath(out)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -243,6 +255,76 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
     return nbytes
 
 
+def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, config: Any, role: str) -> tuple[dict, int]:
+    """The sharded state dict megatron-core saves for this rank's stage (its keys, offsets,
+    replica ids and dtypes: ``model.sharded_state_dict()``), with every tensor's data taken from
+    the HF tensors instead of the parameters, which stay unwritten: no copy into the model, and
+    the fused fc1 saved from the HF gate and up projections as they are (megatron-core's factory
+    would concatenate them into the parameter and copy its halves out again). Returns the state
+    dict and the bytes read. Raises MappingError on a tensor that does not fit."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_gad.models.sharding import global_name, is_tp_sharded, layer_offset
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset, params = layer_offset(model), dict(model.named_parameters())
+    args = model_args_from_hf(config)
+    nbytes = 0
+
+    def get(name: str) -> Tensor:
+        nonlocal nbytes
+        t = reader.get(name)
+        nbytes += t.numel() * t.element_size()
+        return t
+
+    def with_data(sh: ShardedTensor, data: Tensor) -> ShardedTensor:
+        return replace(sh, data=data.to(sh.dtype))  # megatron-core checks shape and dtype again
+
+    state = model.sharded_state_dict()
+    for key, sh in _progress(list(state.items()), "hf -> megatron"):
+        if key not in params:  # _extra_state objects: saved as the model has them
+            continue
+        name, param = global_name(key, offset), params[key]
+        if isinstance(sh, ShardedTensorFactory) and is_fused_fc1(name):
+            sources, _ = hfm.hf_sources(name, config, role)
+            halves = []
+            for src in sources:
+                t = get(src)
+                if tuple(t.shape) != hfm.hf_shape(src, args, role):
+                    raise hfm.MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hfm.hf_shape(src, args, role)}")
+                halves.append(t.chunk(tp, dim=int(param.partition_dim))[tp_rank] if tp > 1 and is_tp_sharded(param) else t)
+            state[key] = [with_data(part, half) for part, half in zip(sh.build(), halves)]  # [gate, up]
+            continue
+        if not isinstance(sh, ShardedTensor):
+            raise ConversionError(f"cannot save {key!r}: megatron-core describes it as {type(sh).__name__}")
+        full = hfm.megatron_tensor_from_hf(name, get, config, role)
+        if full is None:  # tied output layer on the last stage (PP > 1)
+            full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role)
+        state[key] = with_data(sh, shard_for_rank(name, full, param, tp, tp_rank))
+    return state, nbytes
+
+
+@contextlib.contextmanager
+def _torch_save_without_crc32() -> Iterator[None]:
+    """``torch.save`` without the CRC32 of each zip record inside the block. The checkpoint
+    writer stores every tensor as one ``torch.save`` record, and the checksum was about a third
+    of ``hf_to_megatron``'s CPU time (~3 GB/s), while nothing reads it: ``torch.load`` (and so
+    ``dist_checkpointing.load``, the trainer and ``verify.py``) never checks it. What is lost: a
+    zip tool testing a ``.distcp`` file (it sees only the last of the records appended there)
+    reports a bad CRC. The trainer's own checkpoints keep their checksums."""
+    from torch import serialization
+
+    previous = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        serialization.set_crc32_options(previous)
+
+
 def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtype | None = None,
                    init_score_head: float | None = None) -> dict:
     """Convert an HF directory into a Megatron checkpoint at ``out`` (collective, any TP/PP).
@@ -253,11 +335,12 @@ def hf_to_megatron(hf_dir: str, out: str, role: str = "actor", dtype: torch.dtyp
     config, reader = preflight_hf(hf_dir, role, *_layout(), init_score_head=init_score_head)
     dtype = dtype or reader.get("model.norm.weight").dtype
     with atomic_output_dir(out) as tmp:
-        model = build_stage(config, role, dtype)
-        nbytes = fill_stage_from_hf(model, reader, config, role)
-        from megatron_gad.checkpoint import save_model
+        from megatron.core import dist_checkpointing
 
-        save_model([model], tmp)
+        model = build_stage(config, role, dtype)
+        state, nbytes = hf_sharded_state_dict(model, reader, config, role)
+        with _torch_save_without_crc32():
+            dist_checkpointing.save(state, tmp)
         if _rank() == 0:
             config.save_pretrained(tmp)
             copy_aux_files(hf_dir, tmp)
@@ -289,7 +372,8 @@ class MegatronMeta:
 
 def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any, MegatronMeta]:
     """Check a Megatron directory written by :func:`hf_to_megatron` (config, meta, checkpoint
-    metadata, layout divisibility) without loading tensors. Raises ConversionError."""
+    metadata: the stored tensors are those of the config's model; layout divisibility) without
+    loading tensors. Raises ConversionError."""
     config = read_hf_config(megatron_dir)
     meta_path = os.path.join(megatron_dir, MEGATRON_META_FILE)
     if not os.path.isfile(meta_path):
@@ -304,6 +388,7 @@ def preflight_megatron(megatron_dir: str, tp: int = 1, pp: int = 1) -> tuple[Any
     if not isinstance(raw, dict) or raw.get("role") not in hfm.ROLES:
         raise ConversionError(f"{meta_path}: role {raw.get('role')!r} is not one of {hfm.ROLES}")
     _check_layout(config, tp, pp)
+    stored_tensors_by_stage(megatron_dir, config, raw["role"], pp)  # the stored tensors fit config.json
     return config, MegatronMeta(raw["role"], raw["architecture"], getattr(torch, raw.get("dtype", "float32")))
 
 
@@ -316,20 +401,145 @@ def load_stage(megatron_dir: str, config: Any, role: str, dtype: torch.dtype) ->
     return model
 
 
-def hf_tensors_of_stage(model: torch.nn.Module, config: Any, role: str) -> Iterator[tuple[str, Tensor]]:
-    """Yield this stage's tensors under HF names (collective over the TP group: every TP rank
-    iterates; all get the same tensors)."""
-    from megatron_gad.models.sharding import full_tensors
+_STORED_LAYER = re.compile(r"^(?P<pre>(?:trunk\.)?decoder\.layers\.)(?P<rest>.+)$")
 
-    total = sum(1 for _ in model.parameters())
-    for name, full in _progress(full_tensors(model), "megatron -> hf", total=total):
-        yield from hfm.megatron_to_hf_tensors(name, full, config, role)
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One global Megatron tensor as a ``dist_checkpointing`` checkpoint stores it: the
+    transformer layers' tensors are stacked under one key with a leading layer axis."""
+
+    name: str  # the global Megatron name (``decoder.layers.3.mlp.linear_fc1.weight``)
+    key: str  # the checkpoint key (``decoder.layers.mlp.linear_fc1.weight``)
+    layer: int | None  # index along the stored layer axis; None for a tensor without one
+    layers: int  # length of that axis (1 without one)
+    shape: tuple[int, ...]  # the tensor's shape (one layer's)
+    stored_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.stored_dtype.itemsize
+
+
+def stored_tensors_by_stage(megatron_dir: str, config: Any, role: str, pp: int) -> list[list[StoredTensor]]:
+    """The checkpoint's tensors from its metadata alone (no tensor data, no model), in model
+    order, split into ``pp`` writer stages: stage ``p`` takes the transformer layers
+    ``[p * L / pp, (p + 1) * L / pp)``, stage 0 the embedding, the last stage everything else.
+    Raises ConversionError when the stored key set or a layer axis does not fit ``config``."""
+    from megatron.core import dist_checkpointing
+
+    args = model_args_from_hf(config)
+    expected = hfm.megatron_names(config, role, te=True)  # the checkpoint spells the norms as TE does
+    found: dict[str, StoredTensor] = {}
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(megatron_dir)
+    except Exception as exc:  # a torn or foreign .metadata file: pickle, key and I/O errors alike
+        raise ConversionError(f"{megatron_dir!r}: the dist_checkpointing metadata cannot be read: "
+                              f"{' '.join(str(exc).split())[:300]}") from None
+    for key, sh in metadata.items():
+        shape, m = tuple(sh.global_shape), _STORED_LAYER.match(key)
+        if m is None:
+            found[key] = StoredTensor(key, key, None, 1, shape, sh.dtype)
+            continue
+        if not shape or shape[0] != args.layers:
+            raise ConversionError(f"{megatron_dir!r}: tensor {key!r} has shape {shape}, expected {args.layers} "
+                                  "layers first (from config.json)")
+        for i in range(args.layers):
+            name = f"{m.group('pre')}{i}.{m.group('rest')}"
+            found[name] = StoredTensor(name, key, i, args.layers, shape[1:], sh.dtype)
+    missing, extra = [n for n in expected if n not in found], sorted(set(found) - set(expected))
+    if missing or extra:
+        raise ConversionError(f"{megatron_dir!r} does not hold the {role} of its config.json: missing "
+                              f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}")
+    per_stage = args.layers // pp
+    stages: list[list[StoredTensor]] = [[] for _ in range(pp)]
+    for name in expected:
+        t = found[name]
+        stage = t.layer // per_stage if t.layer is not None else 0 if "embedding." in name else pp - 1
+        stages[stage].append(t)
+    return stages
+
+
+def _chunks(tensors: list[StoredTensor], max_bytes: int | None) -> list[list[StoredTensor]]:
+    """``tensors`` in order, cut into runs of at most ``max_bytes`` (one tensor at least)."""
+    out: list[list[StoredTensor]] = []
+    size = 0
+    for t in tensors:
+        if not out or (max_bytes is not None and size + t.nbytes > max_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.nbytes
+    return out
+
+
+def _sharded_request(t: StoredTensor, dtype: torch.dtype) -> dict[str, Any]:
+    """What to load for ``t`` into new ``dtype`` tensors, as ``dist_checkpointing`` ShardedTensors
+    (the stored layer axis prepended as the model's own sharded state dict does). The fused fc1
+    is requested as its two halves, ``[gate; up]`` of the stored tensor at any TP layout: they are
+    the HF gate and up projections as they are, without a concatenation and a split."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    layer = () if t.layer is None else ((0, t.layer, t.layers),)
+    prepend = len(layer)
+    if is_fused_fc1(t.name):
+        half = (t.shape[0] // 2, *t.shape[1:])
+        return {f"{t.name}#{part}": ShardedTensor.from_rank_offsets(
+                    t.key, torch.empty(half, dtype=dtype), *layer, (prepend, index, 2), prepend_axis_num=prepend)
+                for index, part in enumerate(("gate", "up"))}
+    return {t.name: ShardedTensor.from_rank_offsets(t.key, torch.empty(t.shape, dtype=dtype), *layer,
+                                                    prepend_axis_num=prepend)}
+
+
+def _hf_tensors(t: StoredTensor, loaded: dict[str, Tensor], config: Any, role: str) -> list[tuple[str, Tensor]]:
+    """The HF-named tensors of one loaded stored tensor (shapes checked against ``config``)."""
+    if not is_fused_fc1(t.name):
+        return hfm.megatron_to_hf_tensors(t.name, loaded[t.name], config, role)
+    args = model_args_from_hf(config)
+    sources, _ = hfm.hf_sources(t.name, config, role)
+    parts = [loaded[f"{t.name}#gate"], loaded[f"{t.name}#up"]]
+    for src, part in zip(sources, parts):
+        if tuple(part.shape) != hfm.hf_shape(src, args, role):
+            raise hfm.MappingError(f"Megatron tensor {t.name!r} has shape {t.shape}: does not fit {src!r} "
+                                   f"{hfm.hf_shape(src, args, role)}")
+    return list(zip(sources, parts))
+
+
+def read_stage_hf_tensors(megatron_dir: str, config: Any, role: str, dtype: torch.dtype,
+                          max_bytes: int | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield, on the writer rank of each pipeline stage (TP rank 0, DP rank 0), that stage's HF
+    tensors in ``dtype`` read straight from the checkpoint, without building a model: megatron-
+    core's ``dist_checkpointing.load`` of ShardedTensors over plain tensors, made from the
+    checkpoint's metadata (:func:`stored_tensors_by_stage`). With more than one rank the stage is
+    read in loads of at most ``max_bytes`` (so memory stays about one output shard); one rank
+    reads it in one load, as a built model would hold it (megatron-core's conversion to torch's
+    ShardedTensor places the other layers of a partly requested tensor on "another rank", which
+    is this one when it is alone). Collective: every rank iterates (the others take part in each
+    load with nothing to read and yield nothing)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        max_bytes = None
+    per_stage = [_chunks(tensors, max_bytes) for tensors in stored_tensors_by_stage(megatron_dir, config, role, pp)]
+    mine = per_stage[stage] if writer else []
+    total = sum(len(chunk) for chunk in mine)
+    with _progress(None, "megatron -> hf", total=total) as bar:
+        for index in range(max(len(chunks) for chunks in per_stage)):  # the same number of loads on every rank
+            chunk = mine[index] if index < len(mine) else []
+            request = {k: v for t in chunk for k, v in _sharded_request(t, dtype).items()}
+            loaded = dist_checkpointing.load(request, megatron_dir, validate_access_integrity=False)
+            for t in chunk:
+                yield from _hf_tensors(t, loaded, config, role)
+                bar.update()
 
 
 def _writable(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor`` in ``dtype`` as safetensors writes it: contiguous and alone on its storage. A
-    tensor that already is (a TP=1 parameter, a cast, a TP gather) is written as it is; views
-    that share a storage (gate and up of one fc1, the real rows of a padded vocabulary) are copied."""
+    tensor that already is (a loaded tensor, a split q/k/v, a cast) is written as it is; a view
+    that shares a storage (the real rows of a padded vocabulary) is copied."""
     tensor = tensor.to(dtype)
     if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
         return tensor
@@ -339,20 +549,18 @@ def _writable(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def megatron_to_hf(megatron_dir: str, out: str, max_shard_size: str | int | None = "5GB",
                    dtype: torch.dtype | None = None) -> dict:
     """Convert a Megatron checkpoint written by :func:`hf_to_megatron` to an HF directory
-    (collective, any TP/PP; the TP-rank-0, DP-rank-0 rank of every stage writes that stage's
+    (collective, any TP/PP; the TP-rank-0, DP-rank-0 rank of every stage reads that stage's
+    tensors from the checkpoint (:func:`read_stage_hf_tensors`, no model is built) and writes its
     shards). Returns a summary with the bytes this rank wrote."""
     from megatron.core import parallel_state as ps
 
     config, meta = preflight_megatron(megatron_dir, *_layout())
     dtype = dtype or meta.dtype
     max_bytes = parse_size(max_shard_size)
-    writer_rank = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     with atomic_output_dir(out) as tmp:
-        model = load_stage(megatron_dir, config, meta.role, meta.dtype)
         writer = ShardWriter(tmp, f"part-{ps.get_pipeline_model_parallel_rank():05d}", max_bytes)
-        for name, tensor in hf_tensors_of_stage(model, config, meta.role):
-            if writer_rank:
-                writer.add(name, _writable(tensor, dtype))
+        for name, tensor in read_stage_hf_tensors(megatron_dir, config, meta.role, dtype, max_bytes):
+            writer.add(name, _writable(tensor, dtype))
         writer.flush()
         files: list = [writer.files]
         if dist.is_initialized():
@@ -460,7 +668,8 @@ def verify_logits(hf_dir: str, megatron_dir: str, batch: int = 2, seq: int = 16,
 def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, pp: int = 1) -> int:
     """Run a converter CLI on this process (one process, or one torchrun rank): ``preflight()``
     before any process group, then ``init_distributed(tp, pp)``, ``work()`` and teardown.
-    A user error prints ``error: <message>`` on one line to stderr and returns 2."""
+    A user error, or an OSError (a full disk, a read-only output directory), prints
+    ``error: <message>`` on one line to stderr and returns 2."""
     import signal
     import sys
 
@@ -478,6 +687,6 @@ def run_cli(preflight: Callable[[], Any], work: Callable[[], int], tp: int = 1, 
             return work()
         finally:
             destroy_distributed()
-    except UserError as e:  # ConversionError, MappingError, UnsupportedModelError, ...; others keep their traceback
+    except (UserError, OSError) as e:  # ConversionError, MappingError, ...; a full disk; others keep their traceback
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from megatron_gad.errors import UserError
+from megatron_gad.io import fsync_path
 from megatron_gad.models import hf_mapping as hfm
 from megatron_gad.models.transformer import model_args_from_hf
 
@@ -66,20 +67,26 @@ def _read_weight_map(index: str, hf_dir: str, kind: str) -> dict[str, str]:
     return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
 
 
-def _names_by_file(files: list[str], open_file: Any) -> dict[str, str]:
-    """Tensor name -> file over ``files`` (each opened with ``open_file``); names must not repeat."""
+def _names_by_file(files: list[str], open_file: Any, handles: dict[str, Any] | None = None) -> dict[str, str]:
+    """Tensor name -> file over ``files`` (each opened with ``open_file``); names must not repeat.
+    The opened handles are kept in ``handles`` (path -> handle) when given, so a reader does not
+    open a file a second time (a ``.bin`` file is a whole ``torch.load``)."""
     out: dict[str, str] = {}
     for path in files:
-        for name in open_file(path).keys():
+        handle = open_file(path)
+        if handles is not None:
+            handles[path] = handle
+        for name in handle.keys():
             if name in out:
                 raise ConversionError(f"tensor {name!r} appears in both {out[name]!r} and {path!r}")
             out[name] = path
     return out
 
 
-def locate_safetensors(hf_dir: str) -> dict[str, str]:
+def locate_safetensors(hf_dir: str, handles: dict[str, Any] | None = None) -> dict[str, str]:
     """HF tensor name -> safetensors file path: from ``model.safetensors.index.json`` when present,
-    else ``model.safetensors``, else every ``*.safetensors`` file (names must not repeat)."""
+    else ``model.safetensors``, else every ``*.safetensors`` file (names must not repeat; the
+    files opened to list them are kept in ``handles`` when given)."""
 
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index):
@@ -88,7 +95,7 @@ def locate_safetensors(hf_dir: str) -> dict[str, str]:
     files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
         raise ConversionError(f"{hf_dir!r} has no *.safetensors files")
-    return _names_by_file(files, _open_safetensors)
+    return _names_by_file(files, _open_safetensors, handles)
 
 
 def _open_safetensors(path: str) -> Any:
@@ -119,20 +126,21 @@ def weight_format(hf_dir: str) -> str | None:
     return None
 
 
-def locate_weights(hf_dir: str) -> dict[str, str]:
+def locate_weights(hf_dir: str, handles: dict[str, Any] | None = None) -> dict[str, str]:
     """HF tensor name -> weight file path, safetensors first (:func:`locate_safetensors`), else
     ``pytorch_model.bin.index.json``, ``pytorch_model.bin`` or ``pytorch_model-*.bin`` shards.
-    ConversionError "no weights found in DIR" when there are none."""
+    ConversionError "no weights found in DIR" when there are none. Files opened to list their
+    names (no index) are kept in ``handles`` (path -> handle) when given."""
     kind = weight_format(hf_dir)
     if kind == "safetensors":
-        return locate_safetensors(hf_dir)
+        return locate_safetensors(hf_dir, handles)
     if kind is None:
         raise ConversionError(f"no weights found in {hf_dir} (expected model.safetensors, *.safetensors "
                               f"shards, {BIN_FILE} or pytorch_model-*.bin shards)")
     index = os.path.join(hf_dir, BIN_INDEX_FILE)
     if os.path.isfile(index):
         return _read_weight_map(index, hf_dir, "PyTorch weights")
-    return _names_by_file(_bin_files(hf_dir), _open_bin)
+    return _names_by_file(_bin_files(hf_dir), _open_bin, handles)
 
 
 class _BinFile:
@@ -193,8 +201,8 @@ class SafetensorsReader:
     ``pytorch_model*.bin`` files when the directory has no safetensors (:func:`locate_weights`)."""
 
     def __init__(self, hf_dir: str) -> None:
-        self.files = locate_weights(hf_dir)
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}  # path -> open file; listing the names may open some
+        self.files = locate_weights(hf_dir, self._handles)
         self.synthetic: dict[str, Tensor] = {}
 
     def keys(self) -> list[str]:
@@ -260,7 +268,8 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 class ShardWriter:
-    """Write HF tensors into safetensors files of at most ``max_bytes`` each (one writer rank)."""
+    """Write HF tensors into safetensors files of at most ``max_bytes`` each (one writer rank);
+    each file is flushed to disk once written."""
 
     def __init__(self, directory: str, prefix: str, max_bytes: int | None) -> None:
         self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
@@ -282,6 +291,7 @@ class ShardWriter:
             return
         file = f"{self.prefix}-{len(self.files):05d}.safetensors"
         save_file(self.pending, os.path.join(self.directory, file), metadata={"format": "pt"})
+        fsync_path(os.path.join(self.directory, file))  # by the rank that wrote it (any node)
         self.files.append((file, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 

@@ -54,4 +54,25 @@ def replace_dir(staging: str | os.PathLike[str], final: str | os.PathLike[str],
     remove_dir(aside)
 
 
-__all__ = ["atomic_write_text", "remove_dir", "replace_dir"]
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush the file or directory ``path`` to disk (a directory: its entries, so a rename or a
+    new file in it survives a crash)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """:func:`fsync_path` every file and directory under ``root`` (``root`` included), the
+    directories after their contents: what a directory about to be renamed into place needs. A
+    file already on disk costs one cheap ``fsync``."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(directory, name))
+        fsync_path(directory)
+
+
+__all__ = ["atomic_write_text", "fsync_path", "fsync_tree", "remove_dir", "replace_dir"]

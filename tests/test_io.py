@@ -43,3 +43,19 @@ def test_replace_dir_keeps_the_old_directory_aside_when_the_last_rename_fails(tm
     with pytest.raises(OSError):
         replace_dir(tmp_path / "missing", final)
     assert not final.exists() and (aside / "a").read_text() == "old"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name descriptors")
+def test_fsync_tree_flushes_every_file_and_directory_contents_first(tmp_path, monkeypatch) -> None:
+    from megatron_gad.io import fsync_tree
+
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    for name in ("out/a.json", "out/sub/b.safetensors"):
+        (tmp_path / name).write_text("x")
+    real, synced = os.fsync, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    fsync_tree(tmp_path / "out")
+    out = str(tmp_path / "out")
+    expected = [f"{out}/a.json", f"{out}/sub/b.safetensors", f"{out}/sub", out]
+    assert sorted(synced) == sorted(expected)
+    assert synced.index(f"{out}/sub/b.safetensors") < synced.index(f"{out}/sub") < synced.index(out)

@@ -172,3 +172,140 @@ def test_cli_end_to_end_as_processes(tmp_path) -> None:
             if f.endswith(".safetensors"):
                 state.update(load_file(os.path.join(d, f)))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bin_weights_are_loaded_once_per_file(tmp_path, monkeypatch) -> None:
+    """A ``pytorch_model.bin`` directory (one file, then shards without an index): listing the
+    tensor names and reading every tensor does one ``torch.load`` per file, and the tensors read
+    equal the saved ones."""
+    from megatron_gad.hf_io import SafetensorsReader
+
+    src = load_file(os.path.join(save_tiny_llama(str(tmp_path / "st")), "model.safetensors"))
+    names = sorted(src)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    for d in (single, sharded):
+        shutil.copytree(tmp_path / "st", d, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(src, single / "pytorch_model.bin")
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        torch.save({n: src[n] for n in part}, sharded / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+    real_load, loads = torch.load, []
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    for directory, files in ((single, 1), (sharded, 2)):
+        loads.clear()
+        reader = SafetensorsReader(str(directory))
+        got = {n: reader.get(n) for n in reader.keys()}
+        assert len(loads) == files == len(set(loads)), loads
+        assert set(got) == set(src) and all(torch.equal(got[n], src[n]) for n in src)
+
+
+def _convert_to_megatron(hf_dir: str, out: str) -> None:
+    convert.hf_to_megatron(hf_dir, out)
+
+
+@pytest.fixture(scope="module")
+def megatron_dir(hf_dir: str, tmp_path_factory) -> str:
+    """``hf_dir`` converted by a forked rank (a process group in the pytest process itself would
+    be inherited by the ranks that later tests fork)."""
+    from megatron_gad.runtime.spawn import run_distributed
+
+    out = str(tmp_path_factory.mktemp("meg") / "model")
+    run_distributed(_convert_to_megatron, 1, args=(hf_dir, out))
+    return out
+
+
+def test_megatron_checkpoint_that_does_not_fit_its_config(megatron_dir: str, tmp_path, capsys) -> None:
+    """The stored tensors are checked against config.json before any work: a layer count that
+    differs, or a role whose tensors the checkpoint does not hold, is one error line."""
+    out = str(tmp_path / "out")
+    fewer = shutil.copytree(megatron_dir, str(tmp_path / "fewer_layers"))
+    with open(os.path.join(fewer, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(fewer, "config.json"), "w") as f:
+        json.dump({**config, "num_hidden_layers": 1}, f)
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", fewer, "--out", out], "expected 1 layers first", out)
+    critic = shutil.copytree(megatron_dir, str(tmp_path / "not_a_critic"))
+    with open(os.path.join(critic, "megatron_gad_meta.json"), "w") as f:
+        json.dump({"format": 1, "role": "critic", "architecture": "llama", "dtype": "float32"}, f)
+    run_error(capsys, "megatron_to_hf", ["--megatron-dir", critic, "--out", out],
+              "does not hold the critic of its config.json: missing ['trunk.embedding", out)
+
+
+def test_an_os_error_is_one_line_and_exit_2(capsys) -> None:
+    """A full disk (any OSError) ends a converter CLI like a user error: one line, exit 2."""
+    import errno
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+
+    assert convert.run_cli(full_disk, lambda: 0) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: [Errno 28] No space left on device: '/out/model.safetensors'"], err
+
+
+def _export_with_a_full_disk(meg_dir: str, out: str) -> int:
+    """megatron_to_hf with small shards whose second file write fails half-way, as on a full
+    disk; returns how many writes were tried."""
+    import errno
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 64)  # a torn file
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, metadata=metadata)
+
+    safetensors.torch.save_file = save_file
+    try:
+        convert.megatron_to_hf(meg_dir, out, max_shard_size="40KB")
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC and len(calls) == 2
+        return len(calls)
+    raise AssertionError("the injected write failure did not surface")
+
+
+def test_megatron_to_hf_failing_write_leaves_no_output_and_no_temporary(megatron_dir: str, tmp_path) -> None:
+    from megatron_gad.runtime.spawn import run_distributed
+
+    out = str(tmp_path / "out")
+    assert run_distributed(_export_with_a_full_disk, 1, args=(megatron_dir, out)) == [2]
+    assert os.listdir(tmp_path) == []
+
+
+def _export_recording_fsyncs(meg_dir: str, out: str) -> tuple[list[str], str]:
+    """megatron_to_hf with every os.fsync recorded by the path of its descriptor."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    os.fsync = fsync
+    try:
+        convert.megatron_to_hf(meg_dir, out, max_shard_size="40KB")
+    finally:
+        os.fsync = real
+    return synced, f"{os.path.abspath(out)}.tmp-{os.getpid()}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name descriptors")
+def test_megatron_to_hf_output_is_on_disk_before_it_is_renamed_into_place(megatron_dir: str, tmp_path) -> None:
+    """Every file of the HF directory and the directory itself are fsynced under the temporary
+    name (before the rename), and the parent directory after it."""
+    from megatron_gad.runtime.spawn import run_distributed
+
+    out = str(tmp_path / "out")
+    synced, tmp = run_distributed(_export_recording_fsyncs, 1, args=(megatron_dir, out))[0]
+    files = os.listdir(out)
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1 and "config.json" in files
+    assert {os.path.join(tmp, f) for f in files} | {tmp} <= set(synced), (files, synced)
+    assert synced[-1] == str(tmp_path) and synced.index(tmp) < len(synced) - 1

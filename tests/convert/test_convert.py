@@ -161,6 +161,8 @@ def test_critic_score_head_tp2_round_trip(tmp_path) -> None:
     assert max(diffs) <= TOL, f"critic TP=2: max abs score diff {max(diffs):.2e}"
     run_distributed(_export, 1, args=(meg, back))
     assert_bit_exact(hf_dir, back)
+    run_distributed(_export, 2, tp=2, args=(meg, str(tmp_path / "back_tp2"), "20KB"))
+    assert_bit_exact(hf_dir, str(tmp_path / "back_tp2"))
     model, info = AutoModelForSequenceClassification.from_pretrained(back, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert model.config.num_labels == 1 and model.config.architectures == ["Qwen2ForSequenceClassification"]
@@ -214,3 +216,45 @@ def test_uninitialised_build_marks_tp_shards_like_megatron(tmp_path) -> None:
     megatron-core's (QKV bias, gated fc1 with stride 2, row-parallel, vocab-parallel)."""
     hf_dir = make_hf_dir(str(tmp_path / "hf"), "qwen2", False)
     assert run_distributed(_tp_attributes, 2, tp=2, args=(hf_dir,)) == [[True, True], [True, True]]
+
+
+def _model_free_against_loaded_model(meg_dir: str, max_bytes: int | None) -> list[str]:
+    """This rank's HF tensors read without a model equal, name for name and bit for bit, those of
+    the stage built and loaded by megatron-core, TP-gathered and mapped (the writer ranks; the
+    others read nothing). Returns the names read here."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_gad.convert import load_stage, read_hf_config, read_stage_hf_tensors
+    from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
+    from megatron_gad.models.sharding import full_tensors
+
+    config = read_hf_config(meg_dir)
+    got = dict(read_stage_hf_tensors(meg_dir, config, "actor", torch.float32, max_bytes))
+    ref = {hf: t for name, full in full_tensors(load_stage(meg_dir, config, "actor", torch.float32))
+           for hf, t in megatron_to_hf_tensors(name, full, config, "actor")}
+    if ps.get_tensor_model_parallel_rank() != 0:
+        assert got == {}
+        return []
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    for name, t in ref.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    return sorted(got)
+
+
+def test_model_free_read_matches_the_loaded_model(tmp_path) -> None:
+    """megatron_to_hf reads the checkpoint without building a model: at TP=1 (one load) and at
+    TP=2 x PP=2 in loads of at most 30 KB (tensors split across loads), each stage's writer gets
+    exactly the tensors of megatron-core's own load of that stage, and the stages together hold
+    every HF tensor once (untied Qwen2: QKV biases, a padded vocabulary, an lm_head)."""
+    from transformers import AutoConfig
+
+    from megatron_gad.models.hf_mapping import hf_expected_shapes
+
+    hf_dir = make_hf_dir(str(tmp_path / "hf"), "qwen2", False, layers=4)
+    meg = str(tmp_path / "meg")
+    run_distributed(_convert, 1, args=(hf_dir, meg, "actor"))
+    expected = set(hf_expected_shapes(AutoConfig.from_pretrained(hf_dir)))
+    assert set(run_distributed(_model_free_against_loaded_model, 1, args=(meg, None))[0]) == expected
+    per_rank = run_distributed(_model_free_against_loaded_model, 4, tp=2, pp=2, args=(meg, 30_000))
+    read = [n for names in per_rank for n in names]
+    assert sorted(read) == sorted(expected) and all(per_rank[r] for r in (0, 2))
