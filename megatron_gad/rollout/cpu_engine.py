@@ -53,6 +53,7 @@ class CPURolloutEngine(RolloutEngine):
         self.vocab_size = int(hf_config.vocab_size)
         self._params = dict(self.model.named_parameters())
         self.loaded = False
+        self._owned = False  # a load has completed: the parameters hold storage the engine keeps
         # transformers >= 5.x calls the KV cache ``cache``; 4.x calls it ``past_key_values``.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         # the prefill needs the logits of the last prompt position only
@@ -66,19 +67,28 @@ class CPURolloutEngine(RolloutEngine):
         """Take each ``(hf_name, tensor)`` as the model's parameter of that name.
 
         A tensor of the parameter's dtype, device and shape that is contiguous becomes the
-        parameter's storage (nothing is copied); any other is copied in. The caller hands over
-        such tensors: it must not change them unless it means the engine to see the change. The
-        exporter yields, at TP=1 in the engine's dtype, views of the live Megatron parameters,
-        so the engine then reads the actor's current weights, copying nothing. That is exactly
-        a copy made at the sync: the trainer changes the actor only in its update (and on a
-        checkpoint load), each followed by a sync before the next generation, and never
-        generates between an update and that sync. A later sync rebinds every parameter to what
-        it yields, so a Megatron parameter given new storage is followed as well.
+        parameter's storage (nothing is copied; a tensor of :meth:`weight_destinations`, which
+        the exporter has already written, is the parameter's storage already); any other is
+        copied in. The caller hands over such tensors: it must not change them unless it means
+        the engine to see the change. The exporter yields, at TP=1 in the engine's dtype, views
+        of the live Megatron parameters, so the engine then reads the actor's current weights,
+        copying nothing. That is exactly a copy made at the sync: the trainer changes the actor
+        only in its update (and on a checkpoint load), each followed by a sync before the next
+        generation, and never generates between an update and that sync. A later sync rebinds
+        every parameter to what it yields, so a Megatron parameter given new storage is
+        followed as well.
+
+        A load that does not complete (the exporter found a non-finite weight at the end of
+        the export, a peer failed, a name or shape was refused) leaves the engine holding a mix
+        of old and new weights, possibly the non-finite ones, since they were written in place:
+        the engine then counts as not loaded, and :meth:`generate` refuses to run ("load_weights
+        must run before generate") until a later load completes.
 
         Consumes ``buckets`` lazily, one bucket at a time. Raises KeyError for an unknown name,
         ValueError for a shape mismatch and, with ``strict``, ValueError listing parameters that
         no bucket provided (a tied ``lm_head.weight`` is the embedding and needs no tensor).
         """
+        self.loaded = False  # until every bucket, and the exporter's finite check, went through
         seen: set[str] = set()
         for bucket in buckets:
             for name, tensor in bucket:
@@ -91,7 +101,8 @@ class CPURolloutEngine(RolloutEngine):
                         f"the model expects {tuple(param.shape)}"
                     )
                 if tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
-                    param.data = tensor.detach()
+                    if tensor.data_ptr() != param.data_ptr():
+                        param.data = tensor.detach()
                 else:
                     param.copy_(tensor)
                 seen.add(name)
@@ -100,6 +111,18 @@ class CPURolloutEngine(RolloutEngine):
         if strict and missing:
             raise ValueError(f"CPU rollout engine: {len(missing)} weight(s) not received: {', '.join(missing[:5])}")
         self.loaded = True
+        self._owned = True
+
+    def weight_destinations(self) -> dict[str, Tensor] | None:
+        """After a first completed load: the model's parameters by HF name (detached, sharing
+        their storage), for the exporter to write the next weights into; None before (the
+        first sync allocates). The exporter writes only into those that do not share storage
+        with the actor's parameters (at TP=1 those are views of them and are rebound instead).
+        A parameter the exporter does not write into (another dtype, a live view) is rebound
+        or copied by :meth:`load_weights` as before."""
+        if not self._owned:
+            return None
+        return {name: param.detach() for name, param in self._params.items()}
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

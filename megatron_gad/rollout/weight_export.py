@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -89,12 +89,6 @@ class ExportStats:
     """Wall time from the first to the last parameter, including the consumer's time."""
     bucket_sizes: list[int] = field(default_factory=list)
     """Bytes of each yielded bucket."""
-
-
-def _default_converter(name: str, full: Tensor, hf_config: Any, role: str) -> list[tuple[str, Tensor]]:
-    from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
-
-    return megatron_to_hf_tensors(name, full, hf_config, role=role)
 
 
 def _finite(t: Tensor) -> Tensor:
@@ -142,7 +136,7 @@ class WeightExporter:
         self.bucket_bytes = int(bucket_bytes)
         self.dst_ranks = frozenset(int(r) for r in dst_ranks)
         self.role = role
-        self.convert = convert or _default_converter
+        self.convert = convert or self._megatron_to_hf
         self.transport = transport
         self.stats = ExportStats()
         self._metas: list[ParamMeta] | None = None
@@ -150,6 +144,9 @@ class WeightExporter:
         self._links: dict[int, ShmLink] | None = None
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         self._first_bad: Tensor | None = None
+        self._custom_convert = convert is not None
+        self._args: Any = None
+        self._table: dict[str, dict[int, list[Any]]] | None = None
 
     # ---------------------------------------------------------------- metadata (collective, cached)
     def _skip(self, local_name: str) -> bool:
@@ -257,7 +254,7 @@ class WeightExporter:
         self._links = connect_links(me, ranks, dsts, slot, group) or {}
         return self._links or None
 
-    def buckets(self) -> Iterator[WeightBucket]:
+    def buckets(self, into: Mapping[str, Tensor] | None = None) -> Iterator[WeightBucket]:
         """Yield buckets of ``(hf_name, tensor)`` on destination ranks; nothing elsewhere.
 
         Every rank must iterate to exhaustion (the loop contains collectives over the TP and PP
@@ -265,7 +262,16 @@ class WeightExporter:
         own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor is
         a view of the live parameter: copy it if you keep it past the next optimizer step, or
         keep it knowingly as a live view (the CPU engine does). Updates :attr:`stats`
-        (``peak_bytes`` counts such views too: an upper bound).
+        (``peak_bytes`` counts such views, and tensors of ``into``, too: an upper bound).
+
+        ``into`` (destination ranks; ignored elsewhere and by the ``gather`` transport): HF name
+        -> a tensor the consumer owns (an engine's parameter storage). Under the ``direct``
+        transport every HF tensor that must be assembled (a TP-sharded or remote parameter, a
+        cast, the q/k/v split) is written straight into ``into[name]`` when that fits (see
+        :meth:`_destination`), and the bucket then carries that very tensor: nothing is
+        allocated for it. The writes happen as the export runs, before the finite check at its
+        end: a consumer handed ``into`` must treat its tensors as undefined until the iteration
+        has completed (see ``CPURolloutEngine.load_weights``).
         """
         self.stats = ExportStats()
         if not self._group_is_active():
@@ -277,14 +283,18 @@ class WeightExporter:
         metas = self.metadata()
         # index of the first non-finite tensor held here (len(metas): none), kept on the device
         self._first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
-        full_tensors = self._direct_full_tensors() if self._direct() else self._gathered_full_tensors()
-        for meta, full in full_tensors:
-            if full is None or not keep:
+        if not self._direct():
+            converted = self._converted(self._gathered_full_tensors())
+        elif self._piece_table() is None:
+            converted = self._converted(self._direct_full_tensors())
+        else:
+            converted = ((meta, hf, 0) for meta, hf in self._direct_hf_tensors(into if keep else None))
+        for meta, hf, full_bytes in converted:
+            if hf is None or not keep:
                 continue
-            hf = [(n, t.contiguous()) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
+            hf = [(n, t.contiguous()) for n, t in hf]
             out_bytes = sum(_nbytes(t) for _, t in hf)
-            self._note_alive(size + _nbytes(full) + out_bytes)
-            del full
+            self._note_alive(size + full_bytes + out_bytes)
             if bucket and size + out_bytes > self.bucket_bytes:
                 yield self._emit(bucket, size)
                 bucket, size = [], 0
@@ -295,6 +305,17 @@ class WeightExporter:
             yield self._emit(bucket, size)
         self.stats.seconds = time.perf_counter() - start
         self._check_finite(self._first_bad, metas)
+
+    def _converted(self, full_tensors: Iterator[tuple[ParamMeta, Tensor | None]]
+                   ) -> Iterator[tuple[ParamMeta, list[tuple[str, Tensor]] | None, int]]:
+        """``(meta, HF tensors, bytes of the full tensor in flight)`` of a full-tensor transport:
+        each full tensor through ``convert`` (None stays None)."""
+        for meta, full in full_tensors:
+            if full is None:
+                yield meta, None, 0
+                continue
+            yield meta, self.convert(meta.name, full, self.hf_config, self.role), _nbytes(full)
+            del full
 
     def _note_finite(self, index: int, t: Tensor) -> None:
         """Record parameter ``index`` as the first non-finite one when ``t`` is not finite (no
@@ -327,16 +348,13 @@ class WeightExporter:
         self.stats.peak_bytes = max(self.stats.peak_bytes, nbytes)
 
     def _direct_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
-        """Per parameter in global order: its full tensor in ``dtype`` on destination ranks of
-        this model-parallel group, None elsewhere (the ``direct`` transport).
+        """Per parameter in global order: its full Megatron tensor in ``dtype`` on destination
+        ranks of this model-parallel group, None elsewhere (the ``direct`` transport without a
+        piece table: a custom ``convert``, or the critic).
 
-        Every holder of a shard checks and casts it, then hands it to each destination rank that
-        does not hold it (through a shared-memory link, or as a gloo message); a destination
-        takes each shard into its rows of a preallocated full tensor (a gloo message in place;
-        a row-parallel shard, a block of columns, through a buffer). A replicated parameter
-        comes from the destination's own copy when it is on the owning stage, else from that
-        stage's TP rank 0. Gloo sends are bounded to about one bucket in flight per rank;
-        receives are in the global order, so no rank waits on a peer that waits on it.
+        Like :meth:`_direct_hf_tensors`, but each TP rank hands its whole shard (fc1's as its
+        gate and up halves) into its rows (a row-parallel shard: its columns) of a preallocated
+        full tensor, which the converter then splits.
         """
         from megatron.core import parallel_state as ps
 
@@ -351,15 +369,7 @@ class WeightExporter:
         sends: list[tuple[Any, Tensor]] = []
         in_flight = 0
         for index, meta in enumerate(metas):
-            shard: Tensor | None = None
-            if meta.stage == stage:
-                name, param = next(local)
-                if name != meta.name:
-                    raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
-                shard = param.detach()
-                self._note_finite(index, shard)
-                shard = shard.to(self.dtype).contiguous()
-                self._note_alive(_nbytes(shard))
+            shard = self._checked_shard(index, meta, local, stage)
             stage_ranks = [grid[(meta.stage, t)] for t in range(tp)]
             holders = stage_ranks if meta.split_dim is not None else None
             full: Tensor | None = None
@@ -406,6 +416,172 @@ class WeightExporter:
         _wait_all(sends)
         for link in (links or {}).values():
             link.close()
+
+    def _piece_table(self) -> dict[str, dict[int, list[Any]]] | None:
+        """Per global Megatron name, per source TP rank, the blocks of that rank's shard and where
+        each lands in which HF tensor (:func:`megatron_gad.rollout.reshard.plan_resharding` into
+        one engine at TP=1), or None where the exporter assembles Megatron full tensors and
+        converts them instead (a custom ``convert``, the critic, a parameter whose sharding the
+        plan does not describe). The same on every rank (pure arithmetic on the metadata);
+        computed once."""
+        if self._table is None:
+            self._table = {}
+            if self._custom_convert or self.role != "actor":
+                return None
+            from megatron.core import parallel_state as ps
+
+            from megatron_gad.models.hf_mapping import MappingError
+            from megatron_gad.rollout.reshard import ReshardError, plan_resharding
+
+            tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+            metas = self.metadata()
+            try:
+                plan = plan_resharding(metas, self.hf_config, tp, pp, 1, self.role, args=self._model_args())
+            except (ReshardError, MappingError):
+                return None
+            for meta in metas:
+                local = list(meta.shape)
+                if meta.split_dim is not None:
+                    local[meta.split_dim] //= tp
+                if plan.src_shapes.get(meta.name) != tuple(local):
+                    self._table = {}
+                    return None
+                self._table[meta.name] = {}
+            for piece in plan.pieces:
+                self._table[piece.src_name].setdefault(piece.src_tp, []).append(piece)
+        return self._table or None
+
+    def _megatron_to_hf(self, name: str, full: Tensor, hf_config: Any, role: str) -> list[tuple[str, Tensor]]:
+        """The default converter: ``megatron_to_hf_tensors`` with the model's ``ModelArgs``
+        derived once per exporter, not once per tensor."""
+        from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
+
+        return megatron_to_hf_tensors(name, full, hf_config, role, self._model_args())
+
+    def _model_args(self) -> Any:
+        if self._args is None:
+            from megatron_gad.models.transformer import model_args_from_hf
+
+            self._args = model_args_from_hf(self.hf_config)
+        return self._args
+
+    def _destination(self, name: str, into: Mapping[str, Tensor] | None, own: set[int]) -> Tensor:
+        """Where HF tensor ``name`` is assembled: ``into[name]`` when it has the tensor's shape,
+        the export dtype and device, is contiguous and shares no storage with this rank's
+        parameters; else a new tensor."""
+        from megatron_gad.models.hf_mapping import hf_shape
+
+        shape = hf_shape(name, self._model_args(), self.role)
+        dev = _device()
+        given = into.get(name) if into is not None else None
+        if (given is not None and tuple(given.shape) == shape and given.dtype == self.dtype and given.device == dev
+                and given.is_contiguous() and given.untyped_storage().data_ptr() not in own):
+            return given
+        return torch.empty(shape, dtype=self.dtype, device=dev)
+
+    def _direct_hf_tensors(
+        self, into: Mapping[str, Tensor] | None
+    ) -> Iterator[tuple[ParamMeta, list[tuple[str, Tensor]] | None]]:
+        """Per parameter in global order: its HF tensors in ``dtype`` on destination ranks of this
+        model-parallel group, None elsewhere (the ``direct`` transport, with a piece table).
+
+        Every holder of a shard checks and casts it, then hands each block of it that an HF
+        tensor needs (:meth:`_piece_table`: q/k/v rows per query group, fc1's gate and up rows,
+        the real vocabulary rows, a row-parallel shard's columns) to each destination rank that
+        does not hold it, through a shared-memory link or as a gloo message. A destination puts
+        each block straight into its place in the HF tensor: in ``into[name]`` (the engine's own
+        storage, see :meth:`_destination`) or, failing that, a new tensor; its own blocks it
+        copies in. A parameter held whole here that needs no split is yielded as views of the
+        local shard instead (at TP=1 in the parameter's dtype: of the live parameter). A
+        replicated parameter comes from the destination's own copy when it is on the owning
+        stage, else from that stage's TP rank 0. Gloo sends are bounded to about one bucket in
+        flight per rank; receives are in the global order, so no rank waits on a peer that
+        waits on it.
+        """
+        from megatron.core import parallel_state as ps
+
+        from megatron_gad.models.hf_mapping import hf_sources, megatron_to_hf_tensors
+
+        metas, grid, table = self.metadata(), self._rank_grid(), self._piece_table()
+        args = self._model_args()
+        me = dist.get_rank()
+        stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        tp = ps.get_tensor_model_parallel_world_size()
+        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
+        links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
+        local = self._local_params()
+        own = {p.untyped_storage().data_ptr() for _, p in self._local_params()} if into is not None else set()
+        sends: list[tuple[Any, Tensor]] = []
+        in_flight = 0
+        for index, meta in enumerate(metas):
+            shard = self._checked_shard(index, meta, local, stage)
+            sharded = meta.split_dim is not None
+            stage_ranks = [grid[(meta.stage, t)] for t in range(tp)]
+            blocks = table[meta.name]
+            if shard is not None:  # send what destinations elsewhere need from this rank
+                for dst in dsts:
+                    if dst == me or (not sharded and (dst in stage_ranks or tp_rank != 0)):
+                        continue
+                    for p in blocks.get(tp_rank if sharded else 0, []):
+                        block = shard.narrow(p.dim, p.src_start, p.length)
+                        if links is not None:
+                            links[dst].put(block)
+                            continue
+                        block = block.contiguous()
+                        sends.append((dist.isend(block, dst=dst), block))
+                        in_flight += _nbytes(block)
+            hf: list[tuple[str, Tensor]] | None = None
+            if me in dsts:
+                sources, how = hf_sources(meta.name, self.hf_config, self.role, args)
+                if shard is not None and (not sharded or tp == 1) and how != "qkv":
+                    hf = megatron_to_hf_tensors(meta.name, shard, self.hf_config, self.role, args)
+                else:
+                    hf = [(n, self._destination(n, into, own)) for n in sources]
+                    self._receive(dict(hf), blocks, shard, [(t, stage_ranks[t]) for t in range(tp)] if sharded
+                                  else [(0, me if shard is not None else stage_ranks[0])], links)
+            del shard
+            if in_flight >= self.bucket_bytes:  # bound what a sender runs ahead of its receivers
+                _wait_all(sends)
+                in_flight = 0
+            yield meta, hf
+        _wait_all(sends)
+        for link in (links or {}).values():
+            link.close()
+
+    def _checked_shard(self, index: int, meta: ParamMeta, local: Iterator[tuple[str, Tensor]],
+                       stage: int) -> Tensor | None:
+        """This rank's shard of parameter ``index`` in the export dtype (recorded in the finite
+        check first), or None when another stage owns it."""
+        if meta.stage != stage:
+            return None
+        name, param = next(local)
+        if name != meta.name:
+            raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
+        shard = param.detach()
+        self._note_finite(index, shard)
+        shard = shard.to(self.dtype).contiguous()
+        self._note_alive(_nbytes(shard))
+        return shard
+
+    def _receive(self, dest: dict[str, Tensor], blocks: dict[int, list[Any]], shard: Tensor | None,
+                 sources: list[tuple[int, int]], links: dict[int, ShmLink] | None) -> None:
+        """Fill the HF tensors ``dest`` from the blocks of each ``(tp_rank, global_rank)`` source
+        in ``sources`` (this rank's own blocks from ``shard``), in the order they are sent."""
+        me = dist.get_rank()
+        for t, src in sources:
+            for p in blocks.get(t, []):
+                target = dest[p.hf_name].narrow(p.dim, p.dst_start, p.length)
+                if src == me:
+                    target.copy_(shard.narrow(p.dim, p.src_start, p.length))
+                elif links is not None:
+                    links[src].get(target)
+                elif target.is_contiguous():
+                    dist.recv(target, src=src)
+                else:
+                    buf = torch.empty(target.shape, dtype=self.dtype, device=target.device)
+                    dist.recv(buf, src=src)
+                    target.copy_(buf)
+                    del buf
 
     def _gathered_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
         """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it
@@ -494,7 +670,9 @@ def sync_weights(exporter: WeightExporter, engine: Any | None) -> ExportStats:
     Call on every rank; ``engine`` is None on ranks without one. Returns this rank's stats.
     """
     if engine is not None:
-        engine.load_weights(exporter.buckets())
+        # an engine that owns its weights' storage (the CPU engine after its first load) has
+        # them written in place; others (vLLM) receive new full tensors
+        engine.load_weights(exporter.buckets(into=engine.weight_destinations()))
     else:
         for _ in exporter.buckets():
             pass
