@@ -162,11 +162,14 @@ class RolloutEngine(abc.ABC):
 
     def weight_destinations(self) -> Mapping[str, Tensor] | None:
         """HF name -> the tensor the engine computes with, for the exporter to write the next
-        weights straight into (``WeightExporter.buckets(into=...)``; the bucket then carries
-        that very tensor), or None: the engine takes new full tensors (the default; vLLM).
+        weights straight into (``WeightExporter.buckets(into=...)``), or None: the engine takes
+        new full tensors (the default; vLLM). Passing them also tells the exporter that the
+        engine keeps what it is handed as its weights: a bucket may then carry a tensor the
+        exporter keeps and rewrites on later syncs (its shared-memory arena), to be taken as
+        the parameter's storage.
 
         An engine that returns them accepts that its weights are overwritten while the export
-        runs, before its finite check at the end: it must treat a ``load_weights`` whose
+        runs, before the finite check at its end: it must treat a ``load_weights`` whose
         buckets did not run to completion as leaving it without usable weights."""
         return None
 

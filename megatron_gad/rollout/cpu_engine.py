@@ -53,7 +53,6 @@ class CPURolloutEngine(RolloutEngine):
         self.vocab_size = int(hf_config.vocab_size)
         self._params = dict(self.model.named_parameters())
         self.loaded = False
-        self._owned = False  # a load has completed: the parameters hold storage the engine keeps
         # transformers >= 5.x calls the KV cache ``cache``; 4.x calls it ``past_key_values``.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         # the prefill needs the logits of the last prompt position only
@@ -111,17 +110,16 @@ class CPURolloutEngine(RolloutEngine):
         if strict and missing:
             raise ValueError(f"CPU rollout engine: {len(missing)} weight(s) not received: {', '.join(missing[:5])}")
         self.loaded = True
-        self._owned = True
 
-    def weight_destinations(self) -> dict[str, Tensor] | None:
-        """After a first completed load: the model's parameters by HF name (detached, sharing
-        their storage), for the exporter to write the next weights into; None before (the
-        first sync allocates). The exporter writes only into those that do not share storage
-        with the actor's parameters (at TP=1 those are views of them and are rebound instead).
-        A parameter the exporter does not write into (another dtype, a live view) is rebound
-        or copied by :meth:`load_weights` as before."""
-        if not self._owned:
-            return None
+    def weight_destinations(self) -> dict[str, Tensor]:
+        """The model's parameters by HF name (detached, sharing their storage), for the exporter
+        to write the next weights into. Before the first load they hold the random placeholder
+        weights, storage the engine owns all the same, so even the first sync allocates nothing
+        the engine keeps beside them. The exporter writes only into those that fit and share
+        no storage with the actor's parameters (at TP=1 those are views of them and are rebound
+        instead); on CPU ranks with shared memory it writes into its arena instead, and the
+        first such load rebinds the parameters to it (see ``WeightExporter.buckets``). Whatever
+        the exporter does not write into is rebound or copied by :meth:`load_weights`."""
         return {name: param.detach() for name, param in self._params.items()}
 
     # ---------------------------------------------------------------- generation

@@ -5,8 +5,10 @@ to its one destination rank: the sender creates a file in :data:`SHM_DIR`, the d
 it, and every file is unlinked as soon as both ends hold their mappings, so nothing stays behind
 in ``/dev/shm`` (a process killed during those few calls can leave one file). A :class:`ShmLink`
 then carries one sender's shards to the destination (see its docstring); gloo carries only
-counters. Used by :class:`megatron_gad.rollout.weight_export.WeightExporter` under its ``auto``
-transport on CPU.
+counters. :func:`connect_arena` sets up, once, one segment that the destination makes and every
+rank of the group maps whole: the exporter keeps the engine's weights there, so that each sender
+writes its blocks straight into their final place. Used by
+:class:`megatron_gad.rollout.weight_export.WeightExporter` under its ``auto`` transport on CPU.
 """
 
 from __future__ import annotations
@@ -72,6 +74,36 @@ def connect_links(me: int, ranks: list[int], dsts: list[int], slot: int, group: 
     return None if any(errors) else links
 
 
+def connect_arena(me: int, ranks: list[int], dst: int, size: int, group: Any) -> Tensor | None:
+    """A shared-memory segment of ``size`` bytes (uint8) made by rank ``dst`` and mapped by
+    every rank of the model-parallel ``group`` of ``ranks`` (on one host), or None on every rank
+    when any rank cannot take part (the caller then keeps its links). The file is unlinked once
+    every rank holds its mapping. Collective over ``group``."""
+    path, error = "", ""
+    segment: Tensor | None = None
+    if me == dst:
+        path = os.path.join(SHM_DIR, f"mgad-arena-{uuid.uuid4().hex}-{me}")
+        try:
+            segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            error, path = f"cannot create a {size}-byte shared-memory segment in {SHM_DIR}: {exc}", ""
+    offers: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(offers, (me, path, error), group=group)
+    made = next((p for r, p, _ in offers if r == dst), "")
+    if not error and not any(e for *_, e in offers) and me != dst:
+        try:  # map only a file that exists (from_file would create a missing one)
+            if not os.path.isfile(made):
+                raise FileNotFoundError(made)
+            segment = torch.from_file(made, shared=True, size=size, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            error = f"cannot map the shared-memory segment {made}: {exc!r}"
+    errors: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(errors, error, group=group)  # every rank has mapped it
+    if path:
+        os.unlink(path)
+    return None if any(errors) or any(e for *_, e in offers) else segment
+
+
 class ShmLink:
     """One sender -> one destination channel through a shared-memory segment (ranks on one host).
 
@@ -88,6 +120,9 @@ class ShmLink:
     ALIGN = 64
     WRITTEN, READ = 71, 72
     """gloo tags of the two counters (two links may join the same pair of ranks, one each way)."""
+    ARENA_MODE, ARENA_WRITTEN = 73, 74
+    """gloo tags of the exporter's arena messages: the destination's choice for one export, and
+    a sender's count of parameters written into the arena."""
 
     def __init__(self, segment: Tensor, peer: int, sending: bool) -> None:
         self.slots = segment.chunk(2)

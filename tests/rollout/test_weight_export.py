@@ -226,7 +226,7 @@ def _one_step(chunks, optimizer, seq: int = 6) -> None:
     optimizer.step()
 
 
-def inplace_sync_rank(hf_config) -> dict:
+def inplace_sync_rank(hf_config, transport: str) -> dict:
     """Per rank: sync into a CPU engine on rank 0 (the first load, then in place), take an
     optimizer step, sync again, then a sync that finds a NaN on the last stage, then a repaired
     one. Rank 0 compares the engine's weights with a ``gather`` export of the same model each time."""
@@ -244,7 +244,7 @@ def inplace_sync_rank(hf_config) -> dict:
     cfg = transformer_config_from_hf(hf_config, tp=ps.get_tensor_model_parallel_world_size(),
                                      pp=ps.get_pipeline_model_parallel_world_size())
     optimizer = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=1.0), cfg)
-    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096)
+    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096, transport=transport)
     reference = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=1 << 30, transport="gather")
     rank0 = dist.get_rank() == 0
     engine = CPURolloutEngine(RolloutConfig(response_length=2), hf_config, TokenSpec(0, (3,))) if rank0 else None
@@ -257,14 +257,15 @@ def inplace_sync_rank(hf_config) -> dict:
         wrong = sorted(n for n, t in expected.items() if not torch.equal(params[n], t))
         megatron = {p.untyped_storage().data_ptr() for p in chunks[0].parameters()}
         return {"wrong": wrong, "loaded": engine.loaded, "names": sorted(expected),
-                "probe": {n: params[n].detach().clone() for n in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight")},
+                "probe": {n: params[n].detach().clone()
+                          for n in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight")},
                 "storage": {n: p.data_ptr() for n, p in params.items()},
                 "views": {n for n, p in params.items() if p.untyped_storage().data_ptr() in megatron}}
 
     out = {}
     sync_weights(exporter, engine)
     out["first"] = check("first")
-    sync_weights(exporter, engine)  # nothing changed: written in place, bit for bit the same
+    sync_weights(exporter, engine)  # nothing changed: the same weights, written in place
     out["again"] = check("again")
     _one_step(chunks, optimizer)
     sync_weights(exporter, engine)
@@ -292,19 +293,25 @@ def inplace_sync_rank(hf_config) -> dict:
             fc2[0, 0] = kept
     sync_weights(exporter, engine)
     out["repaired"] = check("repaired")
+    out["arena"] = bool(exporter._arena)
     if engine is not None:
         out["generated"] = engine.generate(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long)).responses.shape
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["tp1", "tp2", "pp2", "tp2xpp2"])
-def test_sync_writes_in_place_into_the_engine_and_a_failed_sync_is_refused(tp: int, pp: int) -> None:
-    """After its first load the CPU engine's own parameters are the destinations: a later sync
-    writes every assembled tensor (remote shards through shared memory, q/k/v split, gate/up)
-    into the same storage, and gives exactly the weights after an optimizer step. A sync that
-    meets a NaN (held on the last stage, away from the engine's rank) raises on every rank and
-    leaves the engine refusing to generate until a sync completes."""
-    res = run_distributed(inplace_sync_rank, tp * pp, tp=tp, pp=pp, args=(tiny_hf_config("qwen2", False, layers=2),))
+@pytest.mark.parametrize("tp,pp,transport", [(1, 1, "auto"), (2, 1, "auto"), (1, 2, "auto"), (2, 2, "auto"),
+                                             (2, 2, "direct")], ids=["tp1", "tp2", "pp2", "tp2xpp2", "tp2xpp2-direct"])
+def test_sync_writes_in_place_into_the_engine_and_a_failed_sync_is_refused(tp: int, pp: int, transport: str) -> None:
+    """The CPU engine's own parameters are the destinations: every sync after the first writes
+    each assembled tensor (remote shards, the q/k/v split, gate/up) into the same storage and
+    gives exactly the weights after an optimizer step. Under ``auto`` on these CPU ranks the
+    first sync puts those weights into the exporter's shared-memory arena, where senders then
+    write their blocks directly; under ``direct`` (gloo messages) and at TP=1 blocks land in the
+    engine's own tensors. A sync that meets a NaN (held on the last stage, away from the
+    engine's rank) raises on every rank and leaves the engine refusing to generate until a sync
+    completes."""
+    res = run_distributed(inplace_sync_rank, tp * pp, tp=tp, pp=pp,
+                          args=(tiny_hf_config("qwen2", False, layers=2), transport))
     r0 = res[0]
     for phase in ("first", "again", "stepped", "repaired"):
         assert r0[phase]["wrong"] == [] and r0[phase]["loaded"], f"{phase}: {r0[phase]['wrong'][:5]}"
@@ -313,6 +320,8 @@ def test_sync_writes_in_place_into_the_engine_and_a_failed_sync_is_refused(tp: i
     assert any(n.endswith("q_proj.weight") for n in assembled) and any(n.endswith("v_proj.bias") for n in assembled)
     if tp * pp > 1:  # every tensor with a remote or TP-sharded part is assembled, none is a view
         assert any(n.endswith("down_proj.weight") for n in assembled) and "lm_head.weight" in assembled
+    arena = transport == "auto" and tp * pp > 1
+    assert [r["arena"] for r in res] == [arena] * len(res), "the arena is used on CPU ranks under auto, on every rank"
     for phase in ("again", "stepped", "repaired"):
         moved = [n for n in assembled if r0[phase]["storage"][n] != first["storage"][n]]
         assert moved == [], f"{phase}: a new tensor instead of an in-place write: {moved[:5]}"
