@@ -334,3 +334,43 @@ def test_sync_writes_in_place_into_the_engine_and_a_failed_sync_is_refused(tp: i
     assert r0["loaded_after_failure"] is False
     assert "load_weights must run before generate" in r0["generate_after_failure"], r0["generate_after_failure"]
     assert tuple(r0["generated"])[0] == 1
+
+
+def _sliding_window_warnings_of_two_syncs() -> int:
+    """Per rank: how many times two syncs of a Mistral model (sliding window shorter than its
+    context) log the transformer module's sliding-window warning."""
+    import logging
+
+    from transformers import MistralConfig
+
+    from megatron_gad.rollout.base import RolloutConfig, TokenSpec
+    from megatron_gad.rollout.cpu_engine import CPURolloutEngine
+    from megatron_gad.rollout.weight_export import WeightExporter, sync_weights
+
+    hf_config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              sliding_window=16, tie_word_embeddings=False)
+    chunks = _build(hf_config)
+    engine = CPURolloutEngine(RolloutConfig(), hf_config, TokenSpec(0, (3,)))
+    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096)
+    seen: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("megatron_gad.models.transformer")
+    handler = Count(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        for _ in range(2):
+            sync_weights(exporter, engine)
+    finally:
+        log.removeHandler(handler)
+    return sum("sliding_window" in message for message in seen)
+
+
+def test_a_sync_derives_the_model_args_once() -> None:
+    """The exporter reads the model's arguments from its HF config once, not once per tensor per
+    sync: a Mistral config's sliding-window warning appears once over two syncs."""
+    assert run_distributed(_sliding_window_warnings_of_two_syncs, 1)[0] == 1
