@@ -32,18 +32,28 @@ def nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _room_for(size: int) -> str:
+    """Why :data:`SHM_DIR` cannot hold ``size`` more bytes, or "" when it can. A segment is a
+    sparse file: one larger than the room left would be made, and the process killed by SIGBUS
+    when it writes past that room, so the room is checked first."""
+    stat = os.statvfs(SHM_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    return "" if size <= free else f"{SHM_DIR} has {free} bytes free, the segment needs {size}"
+
+
 def connect_links(me: int, ranks: list[int], dsts: list[int], slot: int, group: Any) -> dict[int, ShmLink] | None:
     """This rank's links (peer rank -> :class:`ShmLink`, two slots of ``slot`` bytes each) in the
     model-parallel ``group`` of ``ranks`` with the one destination rank ``dsts[0]``, or None on
-    every rank when any rank cannot take part (no writable :data:`SHM_DIR`, a segment that cannot
-    be made or mapped, ranks on several hosts): the caller then sends over gloo. Collective over
+    every rank when any rank cannot take part (no writable :data:`SHM_DIR`, too little room in it,
+    a segment that cannot be made or mapped, ranks on several hosts): the caller then sends over gloo. Collective over
     ``group``."""
     links: dict[int, ShmLink] = {}
     made: dict[int, str] = {}
     error = ""
     try:
         if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
-            for dst in dsts:
+            error = _room_for(2 * slot * (len(ranks) - 1))  # every sender's segment
+            for dst in dsts if not error else []:
                 if dst != me:
                     made[dst] = os.path.join(SHM_DIR, f"mgad-weights-{uuid.uuid4().hex}-{me}-{dst}")
                     segment = torch.from_file(made[dst], shared=True, size=2 * slot, dtype=torch.uint8)
@@ -77,16 +87,21 @@ def connect_links(me: int, ranks: list[int], dsts: list[int], slot: int, group: 
 def connect_arena(me: int, ranks: list[int], dst: int, size: int, group: Any) -> Tensor | None:
     """A shared-memory segment of ``size`` bytes (uint8) made by rank ``dst`` and mapped by
     every rank of the model-parallel ``group`` of ``ranks`` (on one host), or None on every rank
-    when any rank cannot take part (the caller then keeps its links). The file is unlinked once
+    when any rank cannot take part (too little room in :data:`SHM_DIR`, a segment that cannot
+    be made or mapped; the caller then keeps its links). The file is unlinked once
     every rank holds its mapping. Collective over ``group``."""
     path, error = "", ""
     segment: Tensor | None = None
     if me == dst:
         path = os.path.join(SHM_DIR, f"mgad-arena-{uuid.uuid4().hex}-{me}")
         try:
-            segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+            error = _room_for(size)
+            if not error:
+                segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         except (OSError, RuntimeError) as exc:
-            error, path = f"cannot create a {size}-byte shared-memory segment in {SHM_DIR}: {exc}", ""
+            error = f"cannot create a {size}-byte shared-memory segment in {SHM_DIR}: {exc}"
+        if error:
+            path = ""
     offers: list[Any] = [None] * len(ranks)
     dist.all_gather_object(offers, (me, path, error), group=group)
     made = next((p for r, p, _ in offers if r == dst), "")

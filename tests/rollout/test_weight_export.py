@@ -244,7 +244,10 @@ def inplace_sync_rank(hf_config, transport: str) -> dict:
     cfg = transformer_config_from_hf(hf_config, tp=ps.get_tensor_model_parallel_world_size(),
                                      pp=ps.get_pipeline_model_parallel_world_size())
     optimizer = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=1.0), cfg)
-    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096, transport=transport)
+    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096,
+                              transport="auto" if transport == "slots" else transport)
+    if transport == "slots":  # as where /dev/shm has no room for the arena: the links' slots carry the blocks
+        exporter._arena = {}
     reference = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=1 << 30, transport="gather")
     rank0 = dist.get_rank() == 0
     engine = CPURolloutEngine(RolloutConfig(response_length=2), hf_config, TokenSpec(0, (3,))) if rank0 else None
@@ -300,14 +303,15 @@ def inplace_sync_rank(hf_config, transport: str) -> dict:
 
 
 @pytest.mark.parametrize("tp,pp,transport", [(1, 1, "auto"), (2, 1, "auto"), (1, 2, "auto"), (2, 2, "auto"),
-                                             (2, 2, "direct")], ids=["tp1", "tp2", "pp2", "tp2xpp2", "tp2xpp2-direct"])
+                                             (2, 2, "direct"), (2, 2, "slots")],
+                         ids=["tp1", "tp2", "pp2", "tp2xpp2", "tp2xpp2-direct", "tp2xpp2-slots"])
 def test_sync_writes_in_place_into_the_engine_and_a_failed_sync_is_refused(tp: int, pp: int, transport: str) -> None:
     """The CPU engine's own parameters are the destinations: every sync after the first writes
     each assembled tensor (remote shards, the q/k/v split, gate/up) into the same storage and
     gives exactly the weights after an optimizer step. Under ``auto`` on these CPU ranks the
     first sync puts those weights into the exporter's shared-memory arena, where senders then
-    write their blocks directly; under ``direct`` (gloo messages) and at TP=1 blocks land in the
-    engine's own tensors. A sync that meets a NaN (held on the last stage, away from the
+    write their blocks directly; under ``direct`` (gloo messages), through the shared-memory
+    slots (no arena) and at TP=1 blocks land in the engine's own tensors. A sync that meets a NaN (held on the last stage, away from the
     engine's rank) raises on every rank and leaves the engine refusing to generate until a sync
     completes."""
     res = run_distributed(inplace_sync_rank, tp * pp, tp=tp, pp=pp,
