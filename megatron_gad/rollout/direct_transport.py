@@ -200,11 +200,13 @@ class DirectTransport:
         Every holder of a shard checks and casts it, then hands each block of it that an HF
         tensor needs (:meth:`_piece_table`: q/k/v rows per query group, fc1's gate and up rows,
         the real vocabulary rows, a row-parallel shard's columns) to each destination rank that
-        does not hold it, through a shared-memory link or as a gloo message. A destination puts
-        each block straight into its place in the HF tensor: in ``into[name]`` (the engine's own
-        storage, see :meth:`_destination`) or, failing that, a new tensor; its own blocks it
-        copies in. A parameter held whole here that needs no split is yielded as views of the
-        local shard instead (at TP=1 in the parameter's dtype: of the live parameter). A
+        does not hold it: written straight into the destination's tensor in the arena
+        (:meth:`_arena_for`; the sender then posts a count), or through a shared-memory link or
+        as a gloo message, which the destination puts straight into its place in the HF tensor:
+        in ``into[name]`` (the engine's own storage, see :meth:`_destination`) or, failing that,
+        a new tensor. A destination copies its own blocks in. A parameter held whole here that
+        needs no split is yielded as views of the local shard instead (at TP=1 in the
+        parameter's dtype: of the live parameter). A
         replicated parameter comes from the destination's own copy when it is on the owning
         stage, else from that stage's TP rank 0. Gloo sends are bounded to about one bucket in
         flight per rank; receives are in the global order, so no rank waits on a peer that
@@ -292,7 +294,8 @@ class DirectTransport:
             out += [(n, hf_shape(n, args, self.role)) for n in sources]
         return out
 
-    def _arena_for(self, want: bool, links: dict[int, ShmLink] | None, dsts: list[int]) -> dict[str, Tensor] | None:
+    def _arena_for(self, want: bool, links: dict[int, ShmLink] | None,
+                   dsts: list[int]) -> dict[str, Tensor] | None:
         """For this export: the destination's HF tensors in a shared-memory segment every rank of
         the group has mapped (name -> tensor), so senders write their blocks in place, or None
         (the blocks travel through the links). The destination chooses, and tells each sender:
