@@ -315,6 +315,7 @@ class DirectTransport:
         else:
             dist.recv(choice, src=dst, tag=ShmLink.ARENA_MODE)
         self._arena_seen = {peer: 0 for peer in links}
+        self._arena_need.clear()
         if not int(choice):
             return None
         if self._arena is None:
@@ -333,20 +334,28 @@ class DirectTransport:
     def _arena_receive(self, dest: dict[str, Tensor], blocks: dict[int, list[Any]], shard: Tensor | None,
                        sources: list[tuple[int, int]], index: int) -> None:
         """Arena mode on the destination: copy this rank's own blocks of parameter ``index`` in,
-        and wait until every other source has written its blocks of it (its count reaches
-        ``index + 1``)."""
+        and note that every other source must have written its blocks of it (its count must
+        reach ``index + 1``) before the bucket holding it is handed over (:meth:`_arena_settle`):
+        the destination copies its own blocks on meanwhile instead of waiting on each."""
         me = dist.get_rank()
-        buf = torch.empty(1, dtype=torch.int64)
         for t, src in sources:
             mine = blocks.get(t, [])
             if src == me:
                 for p in mine:
                     target = dest[p.hf_name].narrow(p.dim, p.dst_start, p.length)
                     target.copy_(shard.narrow(p.dim, p.src_start, p.length))
-                continue
-            while mine and self._arena_seen[src] < index + 1:
+            elif mine:
+                self._arena_need[src] = index + 1
+
+    def _arena_settle(self) -> None:
+        """Wait until every sender's count reaches what the tensors noted so far need (a no-op
+        outside arena mode and on senders). Called before each bucket is yielded."""
+        buf = torch.empty(1, dtype=torch.int64)
+        for src, need in self._arena_need.items():
+            while self._arena_seen[src] < need:
                 dist.recv(buf, src=src, tag=ShmLink.ARENA_WRITTEN)
                 self._arena_seen[src] = int(buf)
+        self._arena_need.clear()
 
     def _checked_shard(self, index: int, meta: ParamMeta, local: Iterator[tuple[str, Tensor]],
                        stage: int) -> Tensor | None:

@@ -156,6 +156,7 @@ class WeightExporter(DirectTransport):
         self._table: dict[str, dict[int, list[Any]]] | None = None
         self._arena: dict[str, Tensor] | None = None  # {}: tried, not possible here
         self._arena_seen: dict[int, int] = {}
+        self._arena_need: dict[int, int] = {}
         self._arena_posts: list[tuple[Any, Tensor]] = []
 
     # ---------------------------------------------------------------- metadata (collective, cached)
@@ -282,12 +283,14 @@ class WeightExporter(DirectTransport):
             out_bytes = sum(_nbytes(t) for _, t in hf)
             self._note_alive(size + full_bytes + out_bytes)
             if bucket and size + out_bytes > self.bucket_bytes:
+                self._arena_settle()
                 yield self._emit(bucket, size)
                 bucket, size = [], 0
             bucket.extend(hf)
             size += out_bytes
             del hf
         if bucket:
+            self._arena_settle()
             yield self._emit(bucket, size)
         self.stats.seconds = time.perf_counter() - start
         self._check_finite(self._first_bad, metas)
