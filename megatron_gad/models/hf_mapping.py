@@ -211,12 +211,13 @@ def _layer_rule(rest: str) -> tuple[list[str], str] | None:
     return rules.get(rest)
 
 
-def hf_sources(name: str, hf_config: Any, role: str = "actor") -> tuple[list[str], str]:
+def hf_sources(name: str, hf_config: Any, role: str = "actor", args: ModelArgs | None = None) -> tuple[list[str], str]:
     """The HF tensor names a global Megatron tensor is built from, and the combine rule
     (``copy``, ``qkv``, ``cat`` (fc1), ``vocab`` (pad rows) or ``none`` (tied output layer)).
-    Raises MappingError for a name that is not part of this model."""
+    ``args``: ``model_args_from_hf(hf_config)`` when the caller has it (a loop over every tensor
+    derives it once). Raises MappingError for a name that is not part of this model."""
     _check_role(role)
-    args = model_args_from_hf(hf_config)
+    args = args or model_args_from_hf(hf_config)
     pre = "trunk." if role == "critic" else ""
     m = _LAYER.match(name)
     if m and m.group("pre") == pre + "decoder.layers." and int(m.group("i")) < args.layers:
@@ -306,19 +307,20 @@ def check_hf_keys(keys: Any, hf_config: Any, role: str = "actor") -> None:
 
 
 def megatron_to_hf_tensors(
-    name: str, full: Tensor, hf_config: Any, role: str = "actor"
+    name: str, full: Tensor, hf_config: Any, role: str = "actor", args: ModelArgs | None = None
 ) -> list[tuple[str, Tensor]]:
     """One full (TP-gathered) Megatron tensor under its GLOBAL name -> its HF-named tensors.
 
     Splits the fused QKV per query group into ``q_proj``/``k_proj``/``v_proj``, fc1 into
     ``gate_proj``/``up_proj``, removes the vocab padding rows; returns [] for
     ``output_layer.weight`` when embeddings are tied. Raises MappingError (a ValueError) naming
-    an unknown tensor or a tensor whose shape does not fit the config. Any rank may call it.
+    an unknown tensor or a tensor whose shape does not fit the config. ``args``: as for
+    :func:`hf_sources`. Any rank may call it.
     """
-    sources, how = hf_sources(name, hf_config, role)
+    args = args or model_args_from_hf(hf_config)
+    sources, how = hf_sources(name, hf_config, role, args)
     if how == "none":
         return []
-    args = model_args_from_hf(hf_config)
     if how == "qkv":
         parts = list(split_qkv(_checked(name, full, (args.heads + 2 * args.groups) * args.head_dim), args))
     elif how == "cat":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -159,6 +159,19 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def load_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Replace the engine's weights with the HF-named tensors of ``buckets`` (in place)."""
+
+    def weight_destinations(self) -> Mapping[str, Tensor] | None:
+        """HF name -> the tensor the engine computes with, for the exporter to write the next
+        weights straight into (``WeightExporter.buckets(into=...)``), or None: the engine takes
+        new full tensors (the default; vLLM). Passing them also tells the exporter that the
+        engine keeps what it is handed as its weights: a bucket may then carry a tensor the
+        exporter keeps and rewrites on later syncs (its shared-memory arena), to be taken as
+        the parameter's storage.
+
+        An engine that returns them accepts that its weights are overwritten while the export
+        runs, before the finite check at its end: it must treat a ``load_weights`` whose
+        buckets did not run to completion as leaving it without usable weights."""
+        return None
 
     def sleep(self) -> None:
         """Release accelerator memory between rollouts (no-op where there is nothing to release)."""

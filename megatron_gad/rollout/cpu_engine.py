@@ -66,19 +66,28 @@ class CPURolloutEngine(RolloutEngine):
         """Take each ``(hf_name, tensor)`` as the model's parameter of that name.
 
         A tensor of the parameter's dtype, device and shape that is contiguous becomes the
-        parameter's storage (nothing is copied); any other is copied in. The caller hands over
-        such tensors: it must not change them unless it means the engine to see the change. The
-        exporter yields, at TP=1 in the engine's dtype, views of the live Megatron parameters,
-        so the engine then reads the actor's current weights, copying nothing. That is exactly
-        a copy made at the sync: the trainer changes the actor only in its update (and on a
-        checkpoint load), each followed by a sync before the next generation, and never
-        generates between an update and that sync. A later sync rebinds every parameter to what
-        it yields, so a Megatron parameter given new storage is followed as well.
+        parameter's storage (nothing is copied; a tensor of :meth:`weight_destinations`, which
+        the exporter has already written, is the parameter's storage already); any other is
+        copied in. The caller hands over such tensors: it must not change them unless it means
+        the engine to see the change. The exporter yields, at TP=1 in the engine's dtype, views
+        of the live Megatron parameters, so the engine then reads the actor's current weights,
+        copying nothing. That is exactly a copy made at the sync: the trainer changes the actor
+        only in its update (and on a checkpoint load), each followed by a sync before the next
+        generation, and never generates between an update and that sync. A later sync rebinds
+        every parameter to what it yields, so a Megatron parameter given new storage is
+        followed as well.
+
+        A load that does not complete (the exporter found a non-finite weight at the end of
+        the export, a peer failed, a name or shape was refused) leaves the engine holding a mix
+        of old and new weights, possibly the non-finite ones, since they were written in place:
+        the engine then counts as not loaded, and :meth:`generate` refuses to run ("load_weights
+        must run before generate") until a later load completes.
 
         Consumes ``buckets`` lazily, one bucket at a time. Raises KeyError for an unknown name,
         ValueError for a shape mismatch and, with ``strict``, ValueError listing parameters that
         no bucket provided (a tied ``lm_head.weight`` is the embedding and needs no tensor).
         """
+        self.loaded = False  # until every bucket, and the exporter's finite check, went through
         seen: set[str] = set()
         for bucket in buckets:
             for name, tensor in bucket:
@@ -91,7 +100,8 @@ class CPURolloutEngine(RolloutEngine):
                         f"the model expects {tuple(param.shape)}"
                     )
                 if tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
-                    param.data = tensor.detach()
+                    if tensor.data_ptr() != param.data_ptr():
+                        param.data = tensor.detach()
                 else:
                     param.copy_(tensor)
                 seen.add(name)
@@ -100,6 +110,17 @@ class CPURolloutEngine(RolloutEngine):
         if strict and missing:
             raise ValueError(f"CPU rollout engine: {len(missing)} weight(s) not received: {', '.join(missing[:5])}")
         self.loaded = True
+
+    def weight_destinations(self) -> dict[str, Tensor]:
+        """The model's parameters by HF name (detached, sharing their storage), for the exporter
+        to write the next weights into. Before the first load they hold the random placeholder
+        weights, storage the engine owns all the same, so even the first sync allocates nothing
+        the engine keeps beside them. The exporter writes only into those that fit and share
+        no storage with the actor's parameters (at TP=1 those are views of them and are rebound
+        instead); on CPU ranks with shared memory it writes into its arena instead, and the
+        first such load rebinds the parameters to it (see ``WeightExporter.buckets``). Whatever
+        the exporter does not write into is rebound or copied by :meth:`load_weights`."""
+        return {name: param.detach() for name, param in self._params.items()}
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

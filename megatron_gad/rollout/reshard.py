@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from megatron_gad.models.hf_mapping import hf_shape, hf_sources
-from megatron_gad.models.transformer import model_args_from_hf
+from megatron_gad.models.transformer import ModelArgs, model_args_from_hf
 from megatron_gad.rollout.weight_export import ParamMeta
 
 VLLM_VOCAB_PADDING = 64
@@ -122,16 +122,18 @@ def _runs(values: list[Tensor]) -> list[tuple[int, int]]:
 
 
 def plan_resharding(metas: Iterable[ParamMeta], hf_config: Any, src_tp: int, pp: int, dst_tp: int,
-                    role: str = "actor") -> ReshardPlan:
+                    role: str = "actor", args: ModelArgs | None = None) -> ReshardPlan:
     """The plan for the parameters ``metas`` (from :meth:`WeightExporter.metadata`: global name,
     full shape, owning stage) of a Megatron model at TP ``src_tp`` x PP ``pp`` into a rollout
-    engine at TP ``dst_tp``. Raises ReshardError for sizes that do not divide. Pure arithmetic:
-    any rank may call it, no process group is used."""
+    engine at TP ``dst_tp``. ``args``: ``model_args_from_hf(hf_config)`` when the caller has it.
+    Raises ReshardError for sizes that do not divide. Pure arithmetic: any rank may call it, no
+    process group is used. At ``dst_tp=1`` the pieces are what the weight exporter's ``direct``
+    transport sends (the real vocabulary rows only; the padded shard shape is vLLM's)."""
     if role != "actor":
         raise ReshardError("reshard: only the actor feeds a rollout engine")
     if src_tp < 1 or pp < 1 or dst_tp < 1:
         raise ReshardError(f"reshard: sizes must be >= 1, got src_tp={src_tp} pp={pp} dst_tp={dst_tp}")
-    args = model_args_from_hf(hf_config)
+    args = args or model_args_from_hf(hf_config)
     if dst_tp > args.groups and dst_tp % args.groups:
         raise ReshardError(f"reshard: rollout TP {dst_tp} must divide or be a multiple of the {args.groups} KV heads")
     _split(args.heads, dst_tp, "attention heads at the rollout TP")
@@ -140,7 +142,7 @@ def plan_resharding(metas: Iterable[ParamMeta], hf_config: Any, src_tp: int, pp:
     vocab_rows = _split(vocab_padded, dst_tp, f"the vocabulary padded to {VLLM_VOCAB_PADDING}")
     plan = ReshardPlan(src_tp=src_tp, pp=pp, dst_tp=dst_tp)
     for meta in metas:
-        sources, how = hf_sources(meta.name, hf_config, role)
+        sources, how = hf_sources(meta.name, hf_config, role, args)
         if how == "none":
             continue
         rest = re.sub(r"^decoder\.layers\.\d+\.", "", meta.name)

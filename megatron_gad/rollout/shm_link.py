@@ -5,8 +5,10 @@ to its one destination rank: the sender creates a file in :data:`SHM_DIR`, the d
 it, and every file is unlinked as soon as both ends hold their mappings, so nothing stays behind
 in ``/dev/shm`` (a process killed during those few calls can leave one file). A :class:`ShmLink`
 then carries one sender's shards to the destination (see its docstring); gloo carries only
-counters. Used by :class:`megatron_gad.rollout.weight_export.WeightExporter` under its ``auto``
-transport on CPU.
+counters. :func:`connect_arena` sets up, once, one segment that the destination makes and every
+rank of the group maps whole: the exporter keeps the engine's weights there, so that each sender
+writes its blocks straight into their final place. Used by
+:class:`megatron_gad.rollout.weight_export.WeightExporter` under its ``auto`` transport on CPU.
 """
 
 from __future__ import annotations
@@ -30,18 +32,28 @@ def nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _room_for(size: int) -> str:
+    """Why :data:`SHM_DIR` cannot hold ``size`` more bytes, or "" when it can. A segment is a
+    sparse file: one larger than the room left would be made, and the process killed by SIGBUS
+    when it writes past that room, so the room is checked first."""
+    stat = os.statvfs(SHM_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    return "" if size <= free else f"{SHM_DIR} has {free} bytes free, the segment needs {size}"
+
+
 def connect_links(me: int, ranks: list[int], dsts: list[int], slot: int, group: Any) -> dict[int, ShmLink] | None:
     """This rank's links (peer rank -> :class:`ShmLink`, two slots of ``slot`` bytes each) in the
     model-parallel ``group`` of ``ranks`` with the one destination rank ``dsts[0]``, or None on
-    every rank when any rank cannot take part (no writable :data:`SHM_DIR`, a segment that cannot
-    be made or mapped, ranks on several hosts): the caller then sends over gloo. Collective over
+    every rank when any rank cannot take part (no writable :data:`SHM_DIR`, too little room in it,
+    a segment that cannot be made or mapped, ranks on several hosts): the caller then sends over gloo. Collective over
     ``group``."""
     links: dict[int, ShmLink] = {}
     made: dict[int, str] = {}
     error = ""
     try:
         if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
-            for dst in dsts:
+            error = _room_for(2 * slot * (len(ranks) - 1))  # every sender's segment
+            for dst in dsts if not error else []:
                 if dst != me:
                     made[dst] = os.path.join(SHM_DIR, f"mgad-weights-{uuid.uuid4().hex}-{me}-{dst}")
                     segment = torch.from_file(made[dst], shared=True, size=2 * slot, dtype=torch.uint8)
@@ -72,6 +84,41 @@ def connect_links(me: int, ranks: list[int], dsts: list[int], slot: int, group: 
     return None if any(errors) else links
 
 
+def connect_arena(me: int, ranks: list[int], dst: int, size: int, group: Any) -> Tensor | None:
+    """A shared-memory segment of ``size`` bytes (uint8) made by rank ``dst`` and mapped by
+    every rank of the model-parallel ``group`` of ``ranks`` (on one host), or None on every rank
+    when any rank cannot take part (too little room in :data:`SHM_DIR`, a segment that cannot
+    be made or mapped; the caller then keeps its links). The file is unlinked once
+    every rank holds its mapping. Collective over ``group``."""
+    path, error = "", ""
+    segment: Tensor | None = None
+    if me == dst:
+        path = os.path.join(SHM_DIR, f"mgad-arena-{uuid.uuid4().hex}-{me}")
+        try:
+            error = _room_for(size)
+            if not error:
+                segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            error = f"cannot create a {size}-byte shared-memory segment in {SHM_DIR}: {exc}"
+        if error:
+            path = ""
+    offers: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(offers, (me, path, error), group=group)
+    made = next((p for r, p, _ in offers if r == dst), "")
+    if not error and not any(e for *_, e in offers) and me != dst:
+        try:  # map only a file that exists (from_file would create a missing one)
+            if not os.path.isfile(made):
+                raise FileNotFoundError(made)
+            segment = torch.from_file(made, shared=True, size=size, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            error = f"cannot map the shared-memory segment {made}: {exc!r}"
+    errors: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(errors, error, group=group)  # every rank has mapped it
+    if path:
+        os.unlink(path)
+    return None if any(errors) or any(e for *_, e in offers) else segment
+
+
 class ShmLink:
     """One sender -> one destination channel through a shared-memory segment (ranks on one host).
 
@@ -88,6 +135,9 @@ class ShmLink:
     ALIGN = 64
     WRITTEN, READ = 71, 72
     """gloo tags of the two counters (two links may join the same pair of ranks, one each way)."""
+    ARENA_MODE, ARENA_WRITTEN = 73, 74
+    """gloo tags of the exporter's arena messages: the destination's choice for one export, and
+    a sender's count of parameters written into the arena."""
 
     def __init__(self, segment: Tensor, peer: int, sending: bool) -> None:
         self.slots = segment.chunk(2)

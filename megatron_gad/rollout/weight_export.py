@@ -6,46 +6,52 @@ order); for each one:
 
 1. every rank holding it checks its shard is finite (``aminmax``: one pass, no temporary) and
    casts it to the inference dtype;
-2. the full tensor is assembled on the destination ranks (``dst_ranks``, the ranks that feed an
+2. its HF tensors are assembled on the destination ranks (``dst_ranks``, the ranks that feed an
    engine) and nowhere else, by one of two transports (``transport``):
 
-   - ``direct`` (what ``auto`` picks on gloo, i.e. CPU ranks): each TP rank of the owning stage
-     hands its shard straight to each destination rank, which puts it into its rows of a
-     preallocated full tensor (``linear_fc1``'s gate and up halves each into their own rows, a
-     row-parallel shard into its columns); a destination copies its own shard in. Nothing is
-     relayed, all-gathered or concatenated. Under ``auto``, when the model-parallel group has
-     one destination rank and lives on one host, shards travel through shared memory
-     (:mod:`megatron_gad.rollout.shm_link`: copied into a segment by the sender, out of it by
-     the destination, gloo carrying only counters); otherwise, and with ``direct``, as gloo
-     messages received in place;
+   - ``direct`` (what ``auto`` picks on gloo, i.e. CPU ranks;
+     :mod:`megatron_gad.rollout.direct_transport`): each TP rank of the owning stage hands the
+     blocks of its shard that the HF tensors are made of (q/k/v rows per query group, gate and
+     up rows, the real vocabulary rows, a row-parallel shard's columns) straight to each
+     destination rank, which puts each block in its place in the HF tensor; a destination
+     copies its own blocks in. Nothing is relayed, all-gathered, concatenated or split
+     afterwards. Under ``auto``, when the model-parallel group has one destination rank and
+     lives on one host, blocks travel through shared memory: written by each sender straight
+     into the destination's tensors when the consumer keeps them (``buckets(into=...)``: the
+     exporter's arena, which the CPU engine keeps as its weights), otherwise through two
+     slots per sender (:mod:`megatron_gad.rollout.shm_link`), gloo carrying only counters;
+     with ``direct``, or several destinations, as gloo messages received in place. The critic
+     and a custom ``convert`` take the older form: whole shards into a full Megatron tensor,
+     then ``convert``;
    - ``gather`` (what ``auto`` picks on NCCL): the TP ranks of the owning stage all-gather the
-     shards (``models.sharding``), and at PP > 1 the owning stage sends the full tensor point
-     to point to the destination ranks of its pipeline group;
+     shards (``models.sharding``), at PP > 1 the owning stage sends the full tensor point to
+     point to the destination ranks of its pipeline group, and they convert it with
+     ``models.hf_mapping.megatron_to_hf_tensors`` (the QKV split makes new tensors; fc1's
+     halves, the vocabulary rows without padding and every other tensor are views);
 
-3. destination ranks convert it with ``models.hf_mapping.megatron_to_hf_tensors`` (the QKV split
-   per query group makes new tensors; fc1's gate/up halves, the vocabulary rows without padding
-   and every other tensor are views, not copies; the tied output layer is skipped) and append
-   it to the current bucket; every other rank drops it at once.
+3. destination ranks append the HF tensors to the current bucket (the tied output layer is
+   skipped); every other rank drops what it holds at once.
 
 Buckets of about ``bucket_bytes`` are yielded as lists of ``(hf_name, tensor)`` on destination
 ranks only. At most one bucket plus the tensor in flight is alive on a destination rank (tracked
-in :attr:`WeightExporter.stats`), and a sending rank keeps at most about one bucket of gloo sends
-(or two shared-memory slots of at most 32 MiB) in flight, never the whole model. Non-finite
-weights raise ModelDivergedError on every rank of the model-parallel group once the export has
-run through. Model-parallel groups without a destination rank (other DP replicas) do no
+in :attr:`WeightExporter.stats`; tensors of ``into`` or of the arena are the consumer's own and
+allocate nothing), and a sending rank keeps at most about one bucket of gloo sends (or two
+shared-memory slots of at most 32 MiB) in flight, never the whole model. Non-finite weights
+raise ModelDivergedError on every rank of the model-parallel group once the export has run
+through. Model-parallel groups without a destination rank (other DP replicas) do no
 communication at all.
 
-Where no gather, cast or split is needed (TP=1 in the parameter's dtype) a yielded tensor is a
-view of the live parameter: nothing is copied, and the CPU engine keeps it as its weight (see
-``CPURolloutEngine.load_weights`` for why that is exactly a copy made at the sync).
+Where no gather, cast or split is needed (a whole parameter of the destination's own stage in
+the export dtype, not the fused QKV) a yielded tensor is a view of the live parameter: nothing
+is copied, and the CPU engine keeps it as its weight (see ``CPURolloutEngine.load_weights`` for
+why that is exactly a copy made at the sync).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -53,7 +59,8 @@ from torch import Tensor
 
 from megatron_gad.models import sharding
 from megatron_gad.rollout.base import DEFAULT_BUCKET_BYTES, ModelDivergedError, WeightBucket
-from megatron_gad.rollout.shm_link import SHM_SLOT_BYTES, ShmLink, connect_links
+from megatron_gad.rollout.direct_transport import DirectTransport, _device, _wait_all
+from megatron_gad.rollout.shm_link import ShmLink
 from megatron_gad.rollout.shm_link import nbytes as _nbytes
 
 TRANSPORTS = ("auto", "direct", "gather")
@@ -91,12 +98,6 @@ class ExportStats:
     """Bytes of each yielded bucket."""
 
 
-def _default_converter(name: str, full: Tensor, hf_config: Any, role: str) -> list[tuple[str, Tensor]]:
-    from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
-
-    return megatron_to_hf_tensors(name, full, hf_config, role=role)
-
-
 def _finite(t: Tensor) -> Tensor:
     """A 0-dim bool tensor, True when every element of ``t`` is finite: its minimum and maximum
     are (both propagate NaN), one pass without a temporary, several times cheaper than
@@ -107,7 +108,7 @@ def _finite(t: Tensor) -> Tensor:
     return torch.isfinite(low) & torch.isfinite(high)
 
 
-class WeightExporter:
+class WeightExporter(DirectTransport):
     """Streams the HF-named full weights of a Megatron model (one chunk per rank) in buckets.
 
     ``chunks``: this rank's model chunks (``build_model`` output; one chunk, no virtual pipeline).
@@ -142,7 +143,7 @@ class WeightExporter:
         self.bucket_bytes = int(bucket_bytes)
         self.dst_ranks = frozenset(int(r) for r in dst_ranks)
         self.role = role
-        self.convert = convert or _default_converter
+        self.convert = convert or self._megatron_to_hf
         self.transport = transport
         self.stats = ExportStats()
         self._metas: list[ParamMeta] | None = None
@@ -150,6 +151,13 @@ class WeightExporter:
         self._links: dict[int, ShmLink] | None = None
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         self._first_bad: Tensor | None = None
+        self._custom_convert = convert is not None
+        self._args: Any = None
+        self._table: dict[str, dict[int, list[Any]]] | None = None
+        self._arena: dict[str, Tensor] | None = None  # {}: tried, not possible here
+        self._arena_seen: dict[int, int] = {}
+        self._arena_need: dict[int, int] = {}
+        self._arena_posts: list[tuple[Any, Tensor]] = []
 
     # ---------------------------------------------------------------- metadata (collective, cached)
     def _skip(self, local_name: str) -> bool:
@@ -227,37 +235,7 @@ class WeightExporter:
             return dist.get_world_size() == 1 or dist.get_backend() == "gloo"
         return self.transport == "direct"
 
-    def _shm_links(self) -> dict[int, ShmLink] | None:
-        """This rank's shared-memory links (peer rank -> link) for the ``auto`` transport on CPU
-        ranks, set up on the first export and kept: each rank makes one segment toward the
-        destination rank, the destination maps it, and the file is unlinked at once (the mappings
-        outlive it; nothing stays in ``/dev/shm``). None (the gloo sends are used) under
-        ``direct``, when the model-parallel group has several destination ranks (one that also
-        sends could then wait on a peer that waits on it), spans several hosts, or ``/dev/shm``
-        is not usable (:func:`~megatron_gad.rollout.shm_link.connect_links`). Collective over
-        the model-parallel group."""
-        if self._links is not None:
-            return self._links or None
-        self._links = {}
-        if self.transport != "auto" or dist.get_world_size() == 1:
-            return None
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_model_parallel_group()
-        ranks = sorted(self._rank_grid().values())
-        dsts = [r for r in ranks if r in self.dst_ranks]
-        if len(dsts) != 1:
-            return None
-        me = dist.get_rank()
-        metas = self.metadata()
-        item = torch.empty((), dtype=self.dtype).element_size()
-        longest_row = max((item * math.prod(m.shape[1:]) for m in metas), default=1)
-        slot = max(min(self.bucket_bytes, SHM_SLOT_BYTES), longest_row)
-        slot = -(-slot // ShmLink.ALIGN) * ShmLink.ALIGN
-        self._links = connect_links(me, ranks, dsts, slot, group) or {}
-        return self._links or None
-
-    def buckets(self) -> Iterator[WeightBucket]:
+    def buckets(self, into: Mapping[str, Tensor] | None = None) -> Iterator[WeightBucket]:
         """Yield buckets of ``(hf_name, tensor)`` on destination ranks; nothing elsewhere.
 
         Every rank must iterate to exhaustion (the loop contains collectives over the TP and PP
@@ -265,7 +243,22 @@ class WeightExporter:
         own reference. Where no gather, cast or split is needed (TP=1, same dtype) a tensor is
         a view of the live parameter: copy it if you keep it past the next optimizer step, or
         keep it knowingly as a live view (the CPU engine does). Updates :attr:`stats`
-        (``peak_bytes`` counts such views too: an upper bound).
+        (``peak_bytes`` counts such views, and tensors of ``into``, too: an upper bound).
+
+        ``into`` (destination ranks; ignored elsewhere and by the ``gather`` transport): HF name
+        -> a tensor the consumer owns and keeps as its weight (an engine's parameter). Under the
+        ``direct`` transport every HF tensor that must be assembled (a TP-sharded or remote
+        parameter, a cast, the q/k/v split) is then written in place, with nothing allocated
+        per export: on CPU ranks of one host with one destination, into the exporter's
+        shared-memory arena (made on the first such export, kept by the exporter and mapped by
+        every rank of the group, so senders write their blocks straight in; the bucket carries
+        the arena's tensor and the consumer takes it as its storage, after which later exports
+        rewrite the consumer's weights where they are); otherwise into ``into[name]`` where it
+        fits (see :meth:`_destination`), the bucket carrying that very tensor. The writes happen
+        as the export runs, before the finite check at its end: a consumer handed ``into`` must
+        treat its tensors as undefined until the iteration has completed (see
+        ``CPURolloutEngine.load_weights``). A consumer that did not pass ``into`` gets new
+        tensors (or views of live parameters), never the arena's.
         """
         self.stats = ExportStats()
         if not self._group_is_active():
@@ -277,24 +270,41 @@ class WeightExporter:
         metas = self.metadata()
         # index of the first non-finite tensor held here (len(metas): none), kept on the device
         self._first_bad = torch.full((), len(metas), dtype=torch.int64, device=_device())
-        full_tensors = self._direct_full_tensors() if self._direct() else self._gathered_full_tensors()
-        for meta, full in full_tensors:
-            if full is None or not keep:
+        if not self._direct():
+            converted = self._converted(self._gathered_full_tensors())
+        elif self._piece_table() is None:
+            converted = self._converted(self._direct_full_tensors())
+        else:
+            converted = ((meta, hf, 0) for meta, hf in self._direct_hf_tensors(into if keep else None))
+        for meta, hf, full_bytes in converted:
+            if hf is None or not keep:
                 continue
-            hf = [(n, t.contiguous()) for n, t in self.convert(meta.name, full, self.hf_config, self.role)]
+            hf = [(n, t.contiguous()) for n, t in hf]
             out_bytes = sum(_nbytes(t) for _, t in hf)
-            self._note_alive(size + _nbytes(full) + out_bytes)
-            del full
+            self._note_alive(size + full_bytes + out_bytes)
             if bucket and size + out_bytes > self.bucket_bytes:
+                self._arena_settle()
                 yield self._emit(bucket, size)
                 bucket, size = [], 0
             bucket.extend(hf)
             size += out_bytes
             del hf
         if bucket:
+            self._arena_settle()
             yield self._emit(bucket, size)
         self.stats.seconds = time.perf_counter() - start
         self._check_finite(self._first_bad, metas)
+
+    def _converted(self, full_tensors: Iterator[tuple[ParamMeta, Tensor | None]]
+                   ) -> Iterator[tuple[ParamMeta, list[tuple[str, Tensor]] | None, int]]:
+        """``(meta, HF tensors, bytes of the full tensor in flight)`` of a full-tensor transport:
+        each full tensor through ``convert`` (None stays None)."""
+        for meta, full in full_tensors:
+            if full is None:
+                yield meta, None, 0
+                continue
+            yield meta, self.convert(meta.name, full, self.hf_config, self.role), _nbytes(full)
+            del full
 
     def _note_finite(self, index: int, t: Tensor) -> None:
         """Record parameter ``index`` as the first non-finite one when ``t`` is not finite (no
@@ -326,86 +336,19 @@ class WeightExporter:
     def _note_alive(self, nbytes: int) -> None:
         self.stats.peak_bytes = max(self.stats.peak_bytes, nbytes)
 
-    def _direct_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
-        """Per parameter in global order: its full tensor in ``dtype`` on destination ranks of
-        this model-parallel group, None elsewhere (the ``direct`` transport).
+    def _megatron_to_hf(self, name: str, full: Tensor, hf_config: Any, role: str) -> list[tuple[str, Tensor]]:
+        """The default converter: ``megatron_to_hf_tensors`` with the model's ``ModelArgs``
+        derived once per exporter, not once per tensor."""
+        from megatron_gad.models.hf_mapping import megatron_to_hf_tensors
 
-        Every holder of a shard checks and casts it, then hands it to each destination rank that
-        does not hold it (through a shared-memory link, or as a gloo message); a destination
-        takes each shard into its rows of a preallocated full tensor (a gloo message in place;
-        a row-parallel shard, a block of columns, through a buffer). A replicated parameter
-        comes from the destination's own copy when it is on the owning stage, else from that
-        stage's TP rank 0. Gloo sends are bounded to about one bucket in flight per rank;
-        receives are in the global order, so no rank waits on a peer that waits on it.
-        """
-        from megatron.core import parallel_state as ps
+        return megatron_to_hf_tensors(name, full, hf_config, role, self._model_args())
 
-        metas, grid = self.metadata(), self._rank_grid()
-        me = dist.get_rank()
-        stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        tp = ps.get_tensor_model_parallel_world_size()
-        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
-        links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
-        local = self._local_params()
-        dev = _device()
-        sends: list[tuple[Any, Tensor]] = []
-        in_flight = 0
-        for index, meta in enumerate(metas):
-            shard: Tensor | None = None
-            if meta.stage == stage:
-                name, param = next(local)
-                if name != meta.name:
-                    raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
-                shard = param.detach()
-                self._note_finite(index, shard)
-                shard = shard.to(self.dtype).contiguous()
-                self._note_alive(_nbytes(shard))
-            stage_ranks = [grid[(meta.stage, t)] for t in range(tp)]
-            holders = stage_ranks if meta.split_dim is not None else None
-            full: Tensor | None = None
-            if shard is not None:  # send what destinations elsewhere need from this rank
-                for dst in dsts:
-                    if dst == me:
-                        continue
-                    if holders is None and (dst in stage_ranks or tp_rank != 0):
-                        continue
-                    for piece in _pieces(meta, shard):
-                        if links is not None:
-                            links[dst].put(piece)
-                            continue
-                        sends.append((dist.isend(piece, dst=dst), piece))
-                        in_flight += _nbytes(piece)
-            if me in dsts:
-                if holders is None:
-                    full = shard if shard is not None else torch.empty(meta.shape, dtype=self.dtype, device=dev)
-                    if shard is None and links is not None:
-                        links[grid[(meta.stage, 0)]].get(full)
-                    elif shard is None:
-                        dist.recv(full, src=grid[(meta.stage, 0)])
-                else:
-                    full = torch.empty(meta.shape, dtype=self.dtype, device=dev)
-                    for t, src in enumerate(holders):
-                        for piece, target in zip(_pieces(meta, shard if src == me else None),
-                                                 _targets(meta, full, tp, t)):
-                            if src == me:
-                                target.copy_(piece)
-                            elif links is not None:
-                                links[src].get(target)
-                            elif target.is_contiguous():
-                                dist.recv(target, src=src)
-                            else:
-                                buf = torch.empty(target.shape, dtype=self.dtype, device=dev)
-                                dist.recv(buf, src=src)
-                                target.copy_(buf)
-                                del buf
-            del shard
-            if in_flight >= self.bucket_bytes:  # bound what a sender runs ahead of its receivers
-                _wait_all(sends)
-                in_flight = 0
-            yield meta, full
-        _wait_all(sends)
-        for link in (links or {}).values():
-            link.close()
+    def _model_args(self) -> Any:
+        if self._args is None:
+            from megatron_gad.models.transformer import model_args_from_hf
+
+            self._args = model_args_from_hf(self.hf_config)
+        return self._args
 
     def _gathered_full_tensors(self) -> Iterator[tuple[ParamMeta, Tensor | None]]:
         """Per parameter in global order: its full tensor in ``dtype`` where this rank needs it
@@ -450,51 +393,15 @@ class WeightExporter:
         _wait_all(sends)
 
 
-def _pieces(meta: ParamMeta, shard: Tensor | None) -> list[Tensor | None]:
-    """The messages one TP rank's shard travels in: the shard whole, or fc1's ``[gate_t; up_t]``
-    as its two halves (each lands in its own rows). ``shard`` None: one None per message."""
-    count = 2 if sharding.is_fused_fc1(meta.name) and meta.split_dim is not None else 1
-    if shard is None:
-        return [None] * count
-    return list(shard.chunk(2, dim=meta.split_dim)) if count == 2 else [shard]
-
-
-def _targets(meta: ParamMeta, full: Tensor, tp: int, t: int) -> list[Tensor]:
-    """Where TP rank ``t``'s messages land in the full tensor (views, in :func:`_pieces` order):
-    rows ``t`` of ``tp`` (contiguous), fc1's gate and up rows of rank ``t``, or columns ``t``
-    of ``tp`` of a row-parallel weight (not contiguous)."""
-    dim = meta.split_dim
-    if sharding.is_fused_fc1(meta.name):
-        half = full.shape[dim] // 2
-        per = half // tp
-        return [full.narrow(dim, t * per, per), full.narrow(dim, half + t * per, per)]
-    per = full.shape[dim] // tp
-    return [full.narrow(dim, t * per, per)]
-
-
-def _device() -> torch.device:
-    from megatron_gad.runtime.distributed import device
-
-    return device()
-
-
-def _wait_all(sends: list[tuple[Any, Tensor]]) -> None:
-    """Complete the sends in flight (on a GPU the host also waits for the stream, so the tensors
-    they read can be freed) and forget them."""
-    for work, _ in sends:
-        work.wait()
-    if sends and torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()
-    sends.clear()
-
-
 def sync_weights(exporter: WeightExporter, engine: Any | None) -> ExportStats:
     """Stream the exporter's buckets into ``engine.load_weights`` (destination ranks) or drain them.
 
     Call on every rank; ``engine`` is None on ranks without one. Returns this rank's stats.
     """
     if engine is not None:
-        engine.load_weights(exporter.buckets())
+        # an engine that owns its weights' storage (the CPU engine) has them written in place;
+        # others (vLLM) receive new full tensors
+        engine.load_weights(exporter.buckets(into=engine.weight_destinations()))
     else:
         for _ in exporter.buckets():
             pass

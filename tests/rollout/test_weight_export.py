@@ -205,3 +205,176 @@ def test_bucket_size_bounds_resident_memory() -> None:
     exported = whole["export_bytes"]
     assert whole["grown"] > 0.6 * exported, whole
     assert small["grown"] < 0.25 * exported, (small, exported)
+
+
+def _one_step(chunks, optimizer, seq: int = 6) -> None:
+    """One real fwd/bwd/optimizer step over Megatron's schedule on a squared-logit loss."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gad.models.inputs import attention_mask_4d, position_ids_from_mask
+
+    ids = torch.randint(4, VOCAB, (2, seq), generator=torch.Generator().manual_seed(1))
+
+    def forward_step(data_iterator, model):
+        m_ids = next(data_iterator)
+        mask = torch.ones_like(m_ids)
+        out = model(input_ids=m_ids, position_ids=position_ids_from_mask(mask), attention_mask=attention_mask_4d(mask))
+        return out, lambda o: (o.float().square().mean(), {})
+
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([ids]), model=chunks,
+                                num_microbatches=1, seq_length=seq, micro_batch_size=2, forward_only=False)
+    optimizer.step()
+
+
+def inplace_sync_rank(hf_config, transport: str) -> dict:
+    """Per rank: sync into a CPU engine on rank 0 (the first load, then in place), take an
+    optimizer step, sync again, then a sync that finds a NaN on the last stage, then a repaired
+    one. Rank 0 compares the engine's weights with a ``gather`` export of the same model each time."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_gad.models import transformer_config_from_hf
+    from megatron_gad.models.build import OptimConfig, build_optimizer
+    from megatron_gad.models.sharding import unwrap
+    from megatron_gad.rollout.base import ModelDivergedError, RolloutConfig, TokenSpec
+    from megatron_gad.rollout.cpu_engine import CPURolloutEngine
+    from megatron_gad.rollout.weight_export import WeightExporter, sync_weights
+
+    chunks = _build(hf_config)
+    cfg = transformer_config_from_hf(hf_config, tp=ps.get_tensor_model_parallel_world_size(),
+                                     pp=ps.get_pipeline_model_parallel_world_size())
+    optimizer = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=1.0), cfg)
+    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096,
+                              transport="auto" if transport == "slots" else transport)
+    if transport == "slots":  # as where /dev/shm has no room for the arena: the links' slots carry the blocks
+        exporter._arena = {}
+    reference = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=1 << 30, transport="gather")
+    rank0 = dist.get_rank() == 0
+    engine = CPURolloutEngine(RolloutConfig(response_length=2), hf_config, TokenSpec(0, (3,))) if rank0 else None
+
+    def check(label: str) -> dict:
+        expected = {n: t.clone() for bucket in reference.buckets() for n, t in bucket}
+        if engine is None:
+            return {}
+        params = dict(engine.model.named_parameters())
+        wrong = sorted(n for n, t in expected.items() if not torch.equal(params[n], t))
+        megatron = {p.untyped_storage().data_ptr() for p in chunks[0].parameters()}
+        return {"wrong": wrong, "loaded": engine.loaded, "names": sorted(expected),
+                "probe": {n: params[n].detach().clone()
+                          for n in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight")},
+                "storage": {n: p.data_ptr() for n, p in params.items()},
+                "views": {n for n, p in params.items() if p.untyped_storage().data_ptr() in megatron}}
+
+    out = {}
+    sync_weights(exporter, engine)
+    out["first"] = check("first")
+    sync_weights(exporter, engine)  # nothing changed: the same weights, written in place
+    out["again"] = check("again")
+    _one_step(chunks, optimizer)
+    sync_weights(exporter, engine)
+    out["stepped"] = check("stepped")
+    fc2 = unwrap(chunks[0]).decoder.layers[-1].mlp.linear_fc2.weight
+    last = ps.is_pipeline_last_stage()
+    kept = fc2[0, 0].item()
+    if last:
+        with torch.no_grad():
+            fc2[0, 0] = float("nan")
+    try:
+        sync_weights(exporter, engine)
+        out["failed"] = "no error"
+    except ModelDivergedError as exc:
+        out["failed"] = str(exc)
+    if engine is not None:
+        out["loaded_after_failure"] = engine.loaded
+        try:
+            engine.generate(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long))
+            out["generate_after_failure"] = "generated"
+        except RuntimeError as exc:
+            out["generate_after_failure"] = str(exc)
+    if last:
+        with torch.no_grad():
+            fc2[0, 0] = kept
+    sync_weights(exporter, engine)
+    out["repaired"] = check("repaired")
+    out["arena"] = bool(exporter._arena)
+    if engine is not None:
+        out["generated"] = engine.generate(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long)).responses.shape
+    return out
+
+
+@pytest.mark.parametrize("tp,pp,transport", [(1, 1, "auto"), (2, 1, "auto"), (1, 2, "auto"), (2, 2, "auto"),
+                                             (2, 2, "direct"), (2, 2, "slots")],
+                         ids=["tp1", "tp2", "pp2", "tp2xpp2", "tp2xpp2-direct", "tp2xpp2-slots"])
+def test_sync_writes_in_place_into_the_engine_and_a_failed_sync_is_refused(tp: int, pp: int, transport: str) -> None:
+    """The CPU engine's own parameters are the destinations: every sync after the first writes
+    each assembled tensor (remote shards, the q/k/v split, gate/up) into the same storage and
+    gives exactly the weights after an optimizer step. Under ``auto`` on these CPU ranks the
+    first sync puts those weights into the exporter's shared-memory arena, where senders then
+    write their blocks directly; under ``direct`` (gloo messages), through the shared-memory
+    slots (no arena) and at TP=1 blocks land in the engine's own tensors. A sync that meets a NaN (held on the last stage, away from the
+    engine's rank) raises on every rank and leaves the engine refusing to generate until a sync
+    completes."""
+    res = run_distributed(inplace_sync_rank, tp * pp, tp=tp, pp=pp,
+                          args=(tiny_hf_config("qwen2", False, layers=2), transport))
+    r0 = res[0]
+    for phase in ("first", "again", "stepped", "repaired"):
+        assert r0[phase]["wrong"] == [] and r0[phase]["loaded"], f"{phase}: {r0[phase]['wrong'][:5]}"
+    first, stepped = r0["first"], r0["stepped"]
+    assembled = [n for n in first["names"] if n not in first["views"]]
+    assert any(n.endswith("q_proj.weight") for n in assembled) and any(n.endswith("v_proj.bias") for n in assembled)
+    if tp * pp > 1:  # every tensor with a remote or TP-sharded part is assembled, none is a view
+        assert any(n.endswith("down_proj.weight") for n in assembled) and "lm_head.weight" in assembled
+    arena = transport == "auto" and tp * pp > 1
+    assert [r["arena"] for r in res] == [arena] * len(res), "the arena is used on CPU ranks under auto, on every rank"
+    for phase in ("again", "stepped", "repaired"):
+        moved = [n for n in assembled if r0[phase]["storage"][n] != first["storage"][n]]
+        assert moved == [], f"{phase}: a new tensor instead of an in-place write: {moved[:5]}"
+    # the step changed what the engine holds (so "again" and "stepped" are not the same check)
+    for name, before in first["probe"].items():
+        assert torch.equal(r0["again"]["probe"][name], before) and not torch.equal(stepped["probe"][name], before), name
+    for res_rank in res:
+        assert res_rank["failed"] == ("exported weights hold inf/NaN (first: decoder.layers.1.mlp.linear_fc2.weight): "
+                                      "the model has diverged (learning rate too high?)"), res_rank["failed"]
+    assert r0["loaded_after_failure"] is False
+    assert "load_weights must run before generate" in r0["generate_after_failure"], r0["generate_after_failure"]
+    assert tuple(r0["generated"])[0] == 1
+
+
+def _sliding_window_warnings_of_two_syncs() -> int:
+    """Per rank: how many times two syncs of a Mistral model (sliding window shorter than its
+    context) log the transformer module's sliding-window warning."""
+    import logging
+
+    from transformers import MistralConfig
+
+    from megatron_gad.rollout.base import RolloutConfig, TokenSpec
+    from megatron_gad.rollout.cpu_engine import CPURolloutEngine
+    from megatron_gad.rollout.weight_export import WeightExporter, sync_weights
+
+    hf_config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              sliding_window=16, tie_word_embeddings=False)
+    chunks = _build(hf_config)
+    engine = CPURolloutEngine(RolloutConfig(), hf_config, TokenSpec(0, (3,)))
+    exporter = WeightExporter(chunks, hf_config, dtype=torch.float32, bucket_bytes=4096)
+    seen: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("megatron_gad.models.transformer")
+    handler = Count(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        for _ in range(2):
+            sync_weights(exporter, engine)
+    finally:
+        log.removeHandler(handler)
+    return sum("sliding_window" in message for message in seen)
+
+
+def test_a_sync_derives_the_model_args_once() -> None:
+    """The exporter reads the model's arguments from its HF config once, not once per tensor per
+    sync: a Mistral config's sliding-window warning appears once over two syncs."""
+    assert run_distributed(_sliding_window_warnings_of_two_syncs, 1)[0] == 1
