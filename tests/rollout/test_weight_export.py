@@ -172,11 +172,17 @@ def test_non_finite_weights_are_refused() -> None:
                        "has diverged (learning rate too high?)"), message
 
 
-def _resident_peak_of_export(bucket_bytes: int) -> dict:
-    """Per rank: the growth of this process's peak resident memory (ru_maxrss) while a consumer
-    holds one bucket at a time, against the model's bytes."""
-    import resource
+def _peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
+
+def _resident_peak_of_export(bucket_bytes: int) -> dict:
+    """Per rank: the growth of this process's peak resident memory (VmHWM) while a consumer holds
+    one bucket at a time, against the model's bytes. The peak is reset to the current resident
+    size first: a forked rank inherits its parent's peak, which an earlier test in the same
+    pytest process may have raised above what this export reaches."""
     from transformers import LlamaConfig
 
     from megatron_gad.rollout.weight_export import WeightExporter
@@ -187,12 +193,14 @@ def _resident_peak_of_export(bucket_bytes: int) -> dict:
                             num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
     chunks = _build(hf_config)
     model_bytes = sum(p.numel() * p.element_size() for p in chunks[0].parameters())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size to the current one
+    before = _peak_rss()
     # bf16: every exported tensor is a new allocation (an fp32 export at TP=1 may yield views of
     # the live parameters, which cost nothing)
     for bucket in WeightExporter(chunks, hf_config, dtype=torch.bfloat16, bucket_bytes=bucket_bytes).buckets():
         del bucket
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    grown = _peak_rss() - before
     print(f"bucket {bucket_bytes}: peak RSS grew {grown / 2**20:.1f} MiB exporting {model_bytes // 2 / 2**20:.1f} MiB")
     return {"grown": grown, "export_bytes": model_bytes // 2}
 
