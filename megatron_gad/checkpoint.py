@@ -19,11 +19,10 @@ from megatron_gad.checkpoint_integrity import (
     complete_steps,
     read_manifest,
     saved_world_size,
-    write_durable,
     write_manifest,
 )
 from megatron_gad.errors import UserError
-from megatron_gad.io import atomic_write_text, remove_dir, replace_dir
+from megatron_gad.io import atomic_write_text, remove_dir, replace_dir, write_text_fsynced
 from megatron_gad.models.sharding import unwrap
 
 
@@ -229,7 +228,7 @@ def _write_rank_files(tmp: str, rank: int, trainer_state: dict) -> None:
 
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
-        write_durable(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state))
+        write_text_fsynced(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state))
 
 
 def _marker_step(root: str, steps: list[int], notes: list[str]) -> int | None:

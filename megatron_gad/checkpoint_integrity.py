@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from megatron_gad.io import write_text_fsynced
+
 MANIFEST_FILE = "manifest.json"
 STEP_DIR = "global_step_{}"
 _STEP_RE = re.compile(r"global_step_(\d+)")
@@ -108,12 +110,4 @@ def write_manifest(tmp: str, step: int) -> None:
             files[os.path.relpath(full, tmp)] = os.path.getsize(full)
     manifest = {"step": step, "world_size": torch.distributed.get_world_size(),
                 "total_bytes": sum(files.values()), "files": dict(sorted(files.items()))}
-    write_durable(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1))
-
-
-def write_durable(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` and fsync it (inside a staging directory: no rename needed)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_text_fsynced(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1))

@@ -54,6 +54,15 @@ def replace_dir(staging: str | os.PathLike[str], final: str | os.PathLike[str],
     remove_dir(aside)
 
 
+def write_text_fsynced(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` in place and fsync it: for a file inside a staging
+    directory that is renamed into place later (no rename of its own needed)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def fsync_path(path: str | os.PathLike[str]) -> None:
     """Flush the file or directory ``path`` to disk (a directory: its entries, so a rename or a
     new file in it survives a crash)."""
@@ -75,4 +84,4 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
         fsync_path(directory)
 
 
-__all__ = ["atomic_write_text", "fsync_path", "fsync_tree", "remove_dir", "replace_dir"]
+__all__ = ["atomic_write_text", "fsync_path", "fsync_tree", "remove_dir", "replace_dir", "write_text_fsynced"]

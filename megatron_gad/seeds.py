@@ -1,10 +1,10 @@
 """The sampling seeds of a run: one stream for the training rollouts, one for validation's samples.
 
-Both are pure functions of ``trainer.seed``, the step and the data-parallel rank, so a resumed run
-draws what an uninterrupted one draws. The two ranges never meet: a training seed is below
-``2^61`` (for any ``trainer.seed`` below about 2.3e12), a validation seed in ``[2^61, 2^61 + 2^60)``,
-An engine that seeds each prompt of a call separately (vLLM) derives the prompts' seeds from the
-call's with :func:`prompt_seeds`. Called on a replica's rollout rank before each ``generate``.
+Both are pure functions of ``trainer.seed``, the step and the data-parallel rank (and, for
+validation, the batch index), so a resumed run draws what an uninterrupted one draws. The two
+ranges never meet: a training seed is below ``2^61`` (for any ``trainer.seed`` below about
+2.3e12), a validation seed in ``[2^61, 2^61 + 2^60)``. An engine that seeds each prompt of a call
+separately (vLLM) derives the prompts' seeds from the call's with :func:`prompt_seeds`.
 """
 
 from __future__ import annotations

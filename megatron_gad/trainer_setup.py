@@ -206,12 +206,6 @@ def weight_source(cfg: TrainConfig, role: str) -> str:
     return check_model_weights(model.path, key, role, model.random_init)
 
 
-def model_weight_sources(cfg: TrainConfig, needs_critic: bool) -> dict[str, str]:
-    """role -> :func:`weight_source` for the actor and, when ``needs_critic``, the critic."""
-    roles = ("actor", "critic") if needs_critic else ("actor",)
-    return {role: weight_source(cfg, role) for role in roles}
-
-
 def check_mode(cfg: TrainConfig, mode: Mode) -> None:
     """Refuse settings the data's mode cannot serve (called before any model is built)."""
     t = cfg.trainer
@@ -280,13 +274,12 @@ def recompute_settings(model: Any) -> dict[str, Any]:
 
 
 def build_training_engines(cfg: TrainConfig, actor_hf: Any, critic_hf: Any | None, info: ParallelInfo,
-                           sources: dict[str, str] | None = None) -> TrainingEngines:
+                           sources: dict[str, str]) -> TrainingEngines:
     """Build the actor (and reference) and, when ``critic_hf`` is given, the critic (collective).
-    ``sources``: :func:`model_weight_sources` (computed here when not given)."""
+    ``sources``: role -> :func:`weight_source` (``RunInputs.weight_sources``)."""
     from megatron_gad.engine import ActorEngine, CriticEngine
     from megatron_gad.models import model_args_from_hf
 
-    sources = sources or model_weight_sources(cfg, critic_hf is not None)
     tp, pp = info.tp, info.pp
     actor_rollout = cfg.actor_rollout_ref
     actor_args = model_args_from_hf(actor_hf)

@@ -1,15 +1,8 @@
-"""Shared pytest configuration: GPU tests skip without CUDA; the demo assets fixture; the
-repository on ``sys.path`` so that test files import ``tests.helpers`` however pytest is started."""
-
-import os
-import sys
+"""Shared pytest configuration: GPU tests skip without CUDA; the demo assets fixture. (pytest.ini's
+``pythonpath`` puts the repository on ``sys.path``, so test files import ``tests.helpers``.)"""
 
 import pytest
 import torch
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,7 +1,7 @@
 """What the end-to-end test files share: the demo run's overrides, its command line, its metrics,
 and waiting on a running process. (The demo-assets fixture, ``assets``, is in ``conftest.py``.)
 
-Imported as ``tests.helpers`` (``conftest.py`` puts the repository on ``sys.path``).
+Imported as ``tests.helpers`` (pytest.ini's ``pythonpath`` puts the repository on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "examples", "configs")
 DEMO_REWARD = os.path.join(REPO, "megatron_gad", "data", "demo.py")
+#: The environment of a subprocess run of the package: one thread, this checkout importable.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
 def demo_overrides(assets: Any, out_dir: str, gad: bool = True, **extra: object) -> list[str]:

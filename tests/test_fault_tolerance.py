@@ -18,13 +18,11 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, comparable, demo_overrides, pretrain_cli, read_metrics, wait_for
+from tests.helpers import ENV, comparable, demo_overrides, pretrain_cli, read_metrics, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 MARKER = "latest_checkpointed_iteration.txt"
-CONFIG = os.path.join(REPO, "examples", "configs", "gad_gspo.yaml")
 
 
 def overrides(assets, out: str, **extra: object) -> list[str]:
@@ -141,19 +139,6 @@ def test_no_intact_checkpoint_is_an_error_not_a_restart(copy_of) -> None:
     with pytest.raises(CheckpointError, match="no intact checkpoint.*resume_mode=disable"):
         resolve_resume(copy_of, "auto")
     assert resolve_resume(copy_of, "disable") is None
-
-
-def test_retention_spellings_must_agree(assets, tmp_path) -> None:
-    from megatron_gad.config import ConfigError, load_config
-
-    base = overrides(assets, str(tmp_path))
-    cfg = load_config(CONFIG, [*base, "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
-    assert cfg.trainer.max_ckpt_to_keep == 3
-    with pytest.raises(ConfigError, match="max_actor_ckpt_to_keep=2, trainer.max_critic_ckpt_to_keep=3 differ"):
-        load_config(CONFIG, [*base, "trainer.max_actor_ckpt_to_keep=2", "trainer.max_critic_ckpt_to_keep=3"],
-                    world_size=1)
-    with pytest.raises(ConfigError, match="max_ckpt_to_keep must be >= 1"):
-        load_config(CONFIG, [*base, "trainer.max_ckpt_to_keep=0"], world_size=1)
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path) -> None:

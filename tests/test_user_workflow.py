@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, REPO, comparable, read_metrics
+from tests.helpers import CONFIGS, ENV, REPO, comparable, read_metrics
 
 SCRIPT = os.path.join(REPO, "examples", "pretrain_gad.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 # README, "Training your own models": the command, then the user's own paths.

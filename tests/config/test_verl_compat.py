@@ -77,6 +77,8 @@ def test_verls_per_role_retentions_are_the_one_retention(tmp_path: Path) -> None
                                           r"the command line"):
         load_config(None, [*BASE, "trainer.max_ckpt_to_keep=4", "trainer.max_critic_ckpt_to_keep=3"], world_size=1)
     assert "max_actor_ckpt_to_keep" not in yaml.safe_dump(config_to_dict(both))  # saved as ours
+    with pytest.raises(ConfigError, match="max_ckpt_to_keep must be >= 1"):
+        load_config(None, [*BASE, "trainer.max_ckpt_to_keep=0"], world_size=1)
 
 
 def test_the_same_keys_in_a_yaml_file(tmp_path: Path) -> None:
