@@ -156,8 +156,8 @@ def build_stage(config: Any, role: str, dtype: torch.dtype) -> torch.nn.Module:
     from megatron_gad.models.critic import build_critic
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    # Every parameter is overwritten right after (HF tensors or a checkpoint), so nothing needs an
-    # initial value. With CPU initialisation megatron-core would still build each TP layer's full
+    # No parameter's initial value is ever read (hf_to_megatron saves the HF tensors in their
+    # place; fill_stage_from_hf and load_stage overwrite them), so nothing needs one. With CPU initialisation megatron-core would still build each TP layer's full
     # fp32 "master weight", cast it, split it and copy a slice (about half of a conversion's CPU
     # time); perform_initialization=False skips that, and _set_tp_attributes then sets the TP
     # attributes megatron-core sets only while initialising. On CUDA the init methods are no-ops.
@@ -245,12 +245,13 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
         return t
 
     params = list(model.named_parameters())
+    args = model_args_from_hf(config)
     with torch.no_grad():
         for local, param in _progress(params, "hf -> megatron"):
             name = global_name(local, offset)
-            full = hfm.megatron_tensor_from_hf(name, get, config, role)
+            full = hfm.megatron_tensor_from_hf(name, get, config, role, args)
             if full is None:  # tied output layer on the last stage (PP > 1)
-                full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role)
+                full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
             param.copy_(shard_for_rank(name, full, param, tp, tp_rank))
     return nbytes
 
@@ -289,7 +290,7 @@ def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, con
             continue
         name, param = global_name(key, offset), params[key]
         if isinstance(sh, ShardedTensorFactory) and is_fused_fc1(name):
-            sources, _ = hfm.hf_sources(name, config, role)
+            sources, _ = hfm.hf_sources(name, config, role, args)
             halves = []
             for src in sources:
                 t = get(src)
@@ -300,9 +301,9 @@ def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, con
             continue
         if not isinstance(sh, ShardedTensor):
             raise ConversionError(f"cannot save {key!r}: megatron-core describes it as {type(sh).__name__}")
-        full = hfm.megatron_tensor_from_hf(name, get, config, role)
+        full = hfm.megatron_tensor_from_hf(name, get, config, role, args)
         if full is None:  # tied output layer on the last stage (PP > 1)
-            full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role)
+            full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
         state[key] = with_data(sh, shard_for_rank(name, full, param, tp, tp_rank))
     return state, nbytes
 
@@ -416,10 +417,6 @@ class StoredTensor:
     shape: tuple[int, ...]  # the tensor's shape (one layer's)
     stored_dtype: torch.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.stored_dtype.itemsize
-
 
 def stored_tensors_by_stage(megatron_dir: str, config: Any, role: str, pp: int) -> list[list[StoredTensor]]:
     """The checkpoint's tensors from its metadata alone (no tensor data, no model), in model
@@ -460,16 +457,19 @@ def stored_tensors_by_stage(megatron_dir: str, config: Any, role: str, pp: int) 
     return stages
 
 
-def _chunks(tensors: list[StoredTensor], max_bytes: int | None) -> list[list[StoredTensor]]:
-    """``tensors`` in order, cut into runs of at most ``max_bytes`` (one tensor at least)."""
+def _chunks(tensors: list[StoredTensor], max_bytes: int | None, dtype: torch.dtype) -> list[list[StoredTensor]]:
+    """``tensors`` in order, cut into runs of at most ``max_bytes`` (one tensor at least), each
+    tensor counted at the larger of its stored and its output ``dtype`` (the reader fills a
+    buffer of the stored dtype, then the request's tensor of the output one)."""
     out: list[list[StoredTensor]] = []
     size = 0
     for t in tensors:
-        if not out or (max_bytes is not None and size + t.nbytes > max_bytes):
+        nbytes = math.prod(t.shape) * max(t.stored_dtype.itemsize, dtype.itemsize)
+        if not out or (max_bytes is not None and size + nbytes > max_bytes):
             out.append([])
             size = 0
         out[-1].append(t)
-        size += t.nbytes
+        size += nbytes
     return out
 
 
@@ -491,12 +491,13 @@ def _sharded_request(t: StoredTensor, dtype: torch.dtype) -> dict[str, Any]:
                                                     prepend_axis_num=prepend)}
 
 
-def _hf_tensors(t: StoredTensor, loaded: dict[str, Tensor], config: Any, role: str) -> list[tuple[str, Tensor]]:
-    """The HF-named tensors of one loaded stored tensor (shapes checked against ``config``)."""
+def _hf_tensors(t: StoredTensor, loaded: dict[str, Tensor], config: Any, role: str,
+                args: Any) -> list[tuple[str, Tensor]]:
+    """The HF-named tensors of one loaded stored tensor (shapes checked against ``config``, whose
+    :func:`model_args_from_hf` is ``args``)."""
     if not is_fused_fc1(t.name):
-        return hfm.megatron_to_hf_tensors(t.name, loaded[t.name], config, role)
-    args = model_args_from_hf(config)
-    sources, _ = hfm.hf_sources(t.name, config, role)
+        return hfm.megatron_to_hf_tensors(t.name, loaded[t.name], config, role, args)
+    sources, _ = hfm.hf_sources(t.name, config, role, args)
     parts = [loaded[f"{t.name}#gate"], loaded[f"{t.name}#up"]]
     for src, part in zip(sources, parts):
         if tuple(part.shape) != hfm.hf_shape(src, args, role):
@@ -521,9 +522,10 @@ def read_stage_hf_tensors(megatron_dir: str, config: Any, role: str, dtype: torc
 
     pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    args = model_args_from_hf(config)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         max_bytes = None
-    per_stage = [_chunks(tensors, max_bytes) for tensors in stored_tensors_by_stage(megatron_dir, config, role, pp)]
+    per_stage = [_chunks(tensors, max_bytes, dtype) for tensors in stored_tensors_by_stage(megatron_dir, config, role, pp)]
     mine = per_stage[stage] if writer else []
     total = sum(len(chunk) for chunk in mine)
     with _progress(None, "megatron -> hf", total=total) as bar:
@@ -532,7 +534,7 @@ def read_stage_hf_tensors(megatron_dir: str, config: Any, role: str, dtype: torc
             request = {k: v for t in chunk for k, v in _sharded_request(t, dtype).items()}
             loaded = dist_checkpointing.load(request, megatron_dir, validate_access_integrity=False)
             for t in chunk:
-                yield from _hf_tensors(t, loaded, config, role)
+                yield from _hf_tensors(t, loaded, config, role, args)
                 bar.update()
 
 

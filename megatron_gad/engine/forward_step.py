@@ -48,11 +48,15 @@ def make_forward_step(loss_func: LossFunc) -> Callable:
     critic has none: the window does not concern it)."""
 
     def forward_step(data_iterator, model):
-        batch = to_device(next(data_iterator), device())
+        host = next(data_iterator)
+        window = logit_window(host)  # from the host copy: an SFT window reads the mask's values
+        batch = to_device(host, device())
         input_ids, position_ids, attention_mask = model_inputs(batch)
-        with logits_at(logit_window(batch)):
+        with logits_at(window):
             output = model(input_ids=input_ids, position_ids=position_ids,
                            attention_mask=attention_mask_4d(attention_mask))
+        if isinstance(batch, SftBatch):  # the SFT loss aligns its targets with the same window
+            return output, functools.partial(loss_func, batch, window=window)
         return output, functools.partial(loss_func, batch)
 
     return forward_step
@@ -152,9 +156,11 @@ def policy_loss_func(settings: ActorConfig, temperature: float, vocab_size: int,
 
 
 def sft_loss_func(vocab_size: int, normalizer: Tensor, scale: float, acc: MetricAccumulator,
-                  batch: SftBatch, logits: Tensor) -> tuple[Tensor, dict]:
-    """Token-mean negative log-likelihood of the ``loss_mask`` tokens (shifted by one)."""
-    start, stop = logit_window(batch)
+                  batch: SftBatch, logits: Tensor, *, window: tuple[int, int] | None = None) -> tuple[Tensor, dict]:
+    """Token-mean negative log-likelihood of the ``loss_mask`` tokens (shifted by one).
+    ``window``: the batch's :func:`logit_window`, when the caller has it (computing it reads the
+    mask, which on a GPU waits for the device)."""
+    start, stop = window or logit_window(batch)
     logits = _windowed(logits, (start, stop))
     log_prob, _ = vocab_parallel_log_probs_and_entropy(logits, batch.input_ids[:, start + 1:stop + 1], 1.0, vocab_size)
     mask = batch.loss_mask[:, start + 1:stop + 1].float()

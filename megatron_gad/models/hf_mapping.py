@@ -237,17 +237,18 @@ def hf_sources(name: str, hf_config: Any, role: str = "actor", args: ModelArgs |
 
 
 def megatron_tensor_from_hf(
-    name: str, get: Callable[[str], Tensor], hf_config: Any, role: str = "actor"
+    name: str, get: Callable[[str], Tensor], hf_config: Any, role: str = "actor", args: ModelArgs | None = None
 ) -> Tensor | None:
     """Build one full Megatron tensor from HF tensors fetched lazily with ``get(hf_name)``.
 
     Returns None for the tied output layer (it shares the word embedding). Shapes are checked
-    against the config; a mismatch raises MappingError naming the HF tensor.
+    against the config; a mismatch raises MappingError naming the HF tensor. ``args``: the
+    config's :func:`model_args_from_hf` (a loop over every tensor passes it, deriving it once).
     """
-    sources, how = hf_sources(name, hf_config, role)
+    args = args or model_args_from_hf(hf_config)
+    sources, how = hf_sources(name, hf_config, role, args)
     if how == "none":
         return None
-    args = model_args_from_hf(hf_config)
     parts = []
     for src in sources:
         t = get(src)
@@ -277,8 +278,9 @@ def hf_to_megatron_state(
     """
     check_hf_keys(hf_state.keys(), hf_config, role)
     out: dict[str, Tensor] = {}
+    args = model_args_from_hf(hf_config)
     for name in megatron_names(hf_config, role):
-        t = megatron_tensor_from_hf(name, hf_state.__getitem__, hf_config, role)
+        t = megatron_tensor_from_hf(name, hf_state.__getitem__, hf_config, role, args)
         if t is not None:
             out[name] = t
     return out

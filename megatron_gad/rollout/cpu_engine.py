@@ -1,6 +1,7 @@
 """CPU rollout engine: a transformers causal LM updated in place from the exporter, sampled with
 its own KV-cached loop (a static cache allocated once per call at its final length, eager
-attention under our own additive mask).
+attention under our own additive mask; a step where rows sample EOS copies the cache's other
+rows into a smaller one, so later steps compute only the rows still decoding).
 
 Sampling per step: logits (float32, real vocab) -> divide by ``temperature`` -> keep the ``top_k``
 largest -> keep the smallest set of tokens whose probability reaches ``top_p`` -> renormalise ->

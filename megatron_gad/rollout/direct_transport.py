@@ -225,7 +225,10 @@ class DirectTransport:
         links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
         local = self._local_params()
         own = {p.untyped_storage().data_ptr() for _, p in self._local_params()} if into is not None else set()
-        arena = self._arena_for(into is not None, links, dsts)
+        # an arena only for a consumer whose tensors take the export as they are (else it would
+        # copy out of the arena at every sync and keep it as a second copy of the weights)
+        fits = into is not None and all(t.dtype == self.dtype and t.device == _device() for t in into.values())
+        arena = self._arena_for(fits, links, dsts)
         sends: list[tuple[Any, Tensor]] = []
         in_flight = 0
         for index, meta in enumerate(metas):

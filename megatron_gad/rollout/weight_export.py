@@ -247,7 +247,8 @@ class WeightExporter(DirectTransport):
 
         ``into`` (destination ranks; ignored elsewhere and by the ``gather`` transport): HF name
         -> a tensor the consumer owns and keeps as its weight (an engine's parameter). Under the
-        ``direct`` transport every HF tensor that must be assembled (a TP-sharded or remote
+        ``direct`` transport with the default converter for the actor (the critic and a custom
+        ``convert`` assemble new full tensors), every HF tensor that must be assembled (a TP-sharded or remote
         parameter, a cast, the q/k/v split) is then written in place, with nothing allocated
         per export: on CPU ranks of one host with one destination, into the exporter's
         shared-memory arena (made on the first such export, kept by the exporter and mapped by
