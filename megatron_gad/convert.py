@@ -227,6 +227,18 @@ def shard_for_rank(name: str, full: Tensor, param: Tensor, tp: int, tp_rank: int
     return part
 
 
+def _counting_get(reader: SafetensorsReader) -> tuple[Callable[[str], Tensor], Callable[[], int]]:
+    """``(get, read)``: ``get(name)`` reads an HF tensor from ``reader``, ``read()`` the bytes read so far."""
+    nbytes = [0]
+
+    def get(name: str) -> Tensor:
+        t = reader.get(name)
+        nbytes[0] += t.numel() * t.element_size()
+        return t
+
+    return get, lambda: nbytes[0]
+
+
 def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config: Any, role: str) -> int:
     """Copy every parameter of this rank's stage from the HF tensors (TP slice; the tied output
     layer of a last stage at PP > 1 takes the word embedding). Returns the bytes read."""
@@ -236,13 +248,7 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     offset = layer_offset(model)
-    nbytes = 0
-
-    def get(name: str) -> Tensor:
-        nonlocal nbytes
-        t = reader.get(name)
-        nbytes += t.numel() * t.element_size()
-        return t
+    get, read = _counting_get(reader)
 
     params = list(model.named_parameters())
     args = model_args_from_hf(config)
@@ -253,7 +259,7 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
             if full is None:  # tied output layer on the last stage (PP > 1)
                 full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
             param.copy_(shard_for_rank(name, full, param, tp, tp_rank))
-    return nbytes
+    return read()
 
 
 def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, config: Any, role: str) -> tuple[dict, int]:
@@ -273,13 +279,7 @@ def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, con
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     offset, params = layer_offset(model), dict(model.named_parameters())
     args = model_args_from_hf(config)
-    nbytes = 0
-
-    def get(name: str) -> Tensor:
-        nonlocal nbytes
-        t = reader.get(name)
-        nbytes += t.numel() * t.element_size()
-        return t
+    get, read = _counting_get(reader)
 
     def with_data(sh: ShardedTensor, data: Tensor) -> ShardedTensor:
         return replace(sh, data=data.to(sh.dtype))  # megatron-core checks shape and dtype again
@@ -305,7 +305,7 @@ def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, con
         if full is None:  # tied output layer on the last stage (PP > 1)
             full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
         state[key] = with_data(sh, shard_for_rank(name, full, param, tp, tp_rank))
-    return state, nbytes
+    return state, read()
 
 
 @contextlib.contextmanager

@@ -107,6 +107,16 @@ class DirectTransport:
                 self._table[piece.src_name].setdefault(piece.src_tp, []).append(piece)
         return self._table or None
 
+    def _direct_setup(self, grid: dict[tuple[int, int], int]) -> tuple[int, int, int, int, list[int], Any, Iterator]:
+        """What both direct paths start from: (this rank, its pipeline stage, TP rank, TP size,
+        the destination ranks, the shared-memory links or None, this rank's parameters)."""
+        from megatron.core import parallel_state as ps
+
+        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
+        links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
+        return (dist.get_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                ps.get_tensor_model_parallel_world_size(), dsts, links, self._local_params())
+
     def _destination(self, name: str, into: Mapping[str, Tensor] | None, own: set[int]) -> Tensor:
         """Where HF tensor ``name`` is assembled: ``into[name]`` when it has the tensor's shape,
         the export dtype and device, is contiguous and shares no storage with this rank's
@@ -130,15 +140,8 @@ class DirectTransport:
         gate and up halves) into its rows (a row-parallel shard: its columns) of a preallocated
         full tensor, which the converter then splits.
         """
-        from megatron.core import parallel_state as ps
-
         metas, grid = self.metadata(), self._rank_grid()
-        me = dist.get_rank()
-        stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        tp = ps.get_tensor_model_parallel_world_size()
-        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
-        links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
-        local = self._local_params()
+        me, stage, tp_rank, tp, dsts, links, local = self._direct_setup(grid)
         dev = _device()
         sends: list[tuple[Any, Tensor]] = []
         in_flight = 0
@@ -171,17 +174,7 @@ class DirectTransport:
                     for t, src in enumerate(holders):
                         for piece, target in zip(_pieces(meta, shard if src == me else None),
                                                  _targets(meta, full, tp, t)):
-                            if src == me:
-                                target.copy_(piece)
-                            elif links is not None:
-                                links[src].get(target)
-                            elif target.is_contiguous():
-                                dist.recv(target, src=src)
-                            else:
-                                buf = torch.empty(target.shape, dtype=self.dtype, device=dev)
-                                dist.recv(buf, src=src)
-                                target.copy_(buf)
-                                del buf
+                            self._recv_block(target, src, piece if src == me else None, links)
             del shard
             if in_flight >= self.bucket_bytes:  # bound what a sender runs ahead of its receivers
                 _wait_all(sends)
@@ -212,18 +205,11 @@ class DirectTransport:
         flight per rank; receives are in the global order, so no rank waits on a peer that
         waits on it.
         """
-        from megatron.core import parallel_state as ps
-
         from megatron_gad.models.hf_mapping import hf_sources, megatron_to_hf_tensors
 
         metas, grid, table = self.metadata(), self._rank_grid(), self._piece_table()
         args = self._model_args()
-        me = dist.get_rank()
-        stage, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        tp = ps.get_tensor_model_parallel_world_size()
-        dsts = sorted(r for r in grid.values() if r in self.dst_ranks)
-        links = self._shm_links() if _device().type == "cpu" else None  # the links carry host tensors
-        local = self._local_params()
+        me, stage, tp_rank, tp, dsts, links, local = self._direct_setup(grid)
         own = {p.untyped_storage().data_ptr() for _, p in self._local_params()} if into is not None else set()
         # an arena only for a consumer whose tensors take the export as they are (else it would
         # copy out of the arena at every sync and keep it as a second copy of the weights)
@@ -382,18 +368,23 @@ class DirectTransport:
         me = dist.get_rank()
         for t, src in sources:
             for p in blocks.get(t, []):
-                target = dest[p.hf_name].narrow(p.dim, p.dst_start, p.length)
-                if src == me:
-                    target.copy_(shard.narrow(p.dim, p.src_start, p.length))
-                elif links is not None:
-                    links[src].get(target)
-                elif target.is_contiguous():
-                    dist.recv(target, src=src)
-                else:
-                    buf = torch.empty(target.shape, dtype=self.dtype, device=target.device)
-                    dist.recv(buf, src=src)
-                    target.copy_(buf)
-                    del buf
+                own = shard.narrow(p.dim, p.src_start, p.length) if src == me else None
+                self._recv_block(dest[p.hf_name].narrow(p.dim, p.dst_start, p.length), src, own, links)
+
+    def _recv_block(self, target: Tensor, src: int, own: Tensor | None, links: dict[int, ShmLink] | None) -> None:
+        """Fill ``target`` (a view into a destination tensor) with the next block from rank
+        ``src``: ``own`` when this rank holds it, else through ``src``'s link or gloo (a
+        non-contiguous view through a buffer)."""
+        if own is not None:
+            target.copy_(own)
+        elif links is not None:
+            links[src].get(target)
+        elif target.is_contiguous():
+            dist.recv(target, src=src)
+        else:
+            buf = torch.empty(target.shape, dtype=self.dtype, device=target.device)
+            dist.recv(buf, src=src)
+            target.copy_(buf)
 
 
 def _pieces(meta: ParamMeta, shard: Tensor | None) -> list[Tensor | None]:
