@@ -86,12 +86,30 @@ def run_distributed(
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return each rank's result.
 
     Raises RankFailure with the failing rank's traceback, or TimeoutError naming the ranks still
-    running after ``timeout_s``; in both cases every rank is killed first.
+    running after ``timeout_s``; in both cases every rank is killed first. The rendezvous port is
+    picked free, then released for rank 0 to bind: another process on the host (a second test
+    session) can take it in between, so a start that fails with the port in use is retried on a
+    new one (up to ``_PORT_ATTEMPTS`` in all).
     """
     from megatron_gad.runtime.distributed import _free_port
 
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        try:
+            return _run_once(fn, world_size, _free_port(), tp, pp, seed, timeout_s, args, kwargs)
+        except RankFailure as exc:
+            if _PORT_IN_USE not in str(exc) or attempt == _PORT_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+#: Starts tried by :func:`run_distributed`, and the error name of a rendezvous port already bound.
+_PORT_ATTEMPTS = 3
+_PORT_IN_USE = "EADDRINUSE"
+
+
+def _run_once(fn: Callable[..., T], world_size: int, port: int, tp: int, pp: int, seed: int, timeout_s: float,
+              args: tuple, kwargs: dict | None) -> list[T]:
     ctx = mp.get_context("fork")
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="mgad_spawn_") as out_dir:
         procs = [
             ctx.Process(

@@ -30,6 +30,30 @@ def test_deadline_kills_every_rank() -> None:
         run_distributed(time.sleep, 2, timeout_s=3, args=(60,))
 
 
+def _world_size() -> int:
+    return dist.get_world_size()
+
+
+def test_a_rendezvous_port_taken_before_rank_0_binds_it_is_retried(monkeypatch) -> None:
+    """The free port run_distributed picks is released before rank 0 binds it; when another
+    process holds it by then (here: a listening socket), the start is retried on a new port."""
+    import socket
+
+    from megatron_gad.runtime import distributed
+
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("0.0.0.0", 0))
+    blocker.listen()
+    picked = [blocker.getsockname()[1]]
+    real = distributed._free_port
+    monkeypatch.setattr(distributed, "_free_port", lambda: picked.pop() if picked else real())
+    try:
+        assert run_distributed(_world_size, 2, timeout_s=60) == [2, 2]
+    finally:
+        blocker.close()
+    assert not picked  # the taken port was tried first
+
+
 def test_grid_sizes_and_bad_layout() -> None:
     from megatron_gad.runtime import parallel_info
 
