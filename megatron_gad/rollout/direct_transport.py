@@ -232,7 +232,7 @@ class DirectTransport:
                             arena[p.hf_name].narrow(p.dim, p.dst_start, p.length).copy_(
                                 shard.narrow(p.dim, p.src_start, p.length))
                         note = torch.tensor([index + 1])
-                        self._arena_posts.append((dist.isend(note, dst=dst, tag=ShmLink.ARENA_WRITTEN), note))
+                        sends.append((dist.isend(note, dst=dst, tag=ShmLink.ARENA_WRITTEN), note))
                         continue
                     for p in mine:
                         block = shard.narrow(p.dim, p.src_start, p.length)
@@ -245,7 +245,7 @@ class DirectTransport:
             hf: list[tuple[str, Tensor]] | None = None
             if me in dsts:
                 sources, how = hf_sources(meta.name, self.hf_config, self.role, args)
-                if shard is not None and (not sharded or tp == 1) and how != "qkv":
+                if shard is not None and _yielded_as_views(meta, how, tp):
                     hf = megatron_to_hf_tensors(meta.name, shard, self.hf_config, self.role, args)
                 else:
                     hf = [(n, arena[n] if arena is not None else self._destination(n, into, own)) for n in sources]
@@ -261,7 +261,6 @@ class DirectTransport:
                 in_flight = 0
             yield meta, hf
         _wait_all(sends)
-        _wait_all(self._arena_posts)
         for link in (links or {}).values():
             link.close()
 
@@ -278,7 +277,7 @@ class DirectTransport:
         out = []
         for meta in self.metadata():
             sources, how = hf_sources(meta.name, self.hf_config, self.role, args)
-            if meta.stage == dst_stage and (meta.split_dim is None or tp == 1) and how != "qkv":
+            if meta.stage == dst_stage and _yielded_as_views(meta, how, tp):
                 continue
             out += [(n, hf_shape(n, args, self.role)) for n in sources]
         return out
@@ -348,8 +347,9 @@ class DirectTransport:
 
     def _checked_shard(self, index: int, meta: ParamMeta, local: Iterator[tuple[str, Tensor]],
                        stage: int) -> Tensor | None:
-        """This rank's shard of parameter ``index`` in the export dtype (recorded in the finite
-        check first), or None when another stage owns it."""
+        """This rank's tensor of parameter ``index`` from ``local`` (its shard; under the
+        ``gather`` transport the TP-gathered full tensor) in the export dtype, recorded in the
+        finite check first; None when another stage owns it."""
         if meta.stage != stage:
             return None
         name, param = next(local)
@@ -385,6 +385,14 @@ class DirectTransport:
             buf = torch.empty(target.shape, dtype=self.dtype, device=target.device)
             dist.recv(buf, src=src)
             target.copy_(buf)
+
+
+def _yielded_as_views(meta: ParamMeta, how: str, tp: int) -> bool:
+    """Whether a destination on the parameter's own stage yields its HF tensors as views of its
+    shard (held whole, nothing to split) instead of assembling them: the rule both
+    :meth:`DirectTransport._direct_hf_tensors` and the arena's layout (:meth:`DirectTransport._arena_names`)
+    follow, so the arena holds exactly the tensors assembled."""
+    return (meta.split_dim is None or tp == 1) and how != "qkv"
 
 
 def _pieces(meta: ParamMeta, shard: Tensor | None) -> list[Tensor | None]:

@@ -157,7 +157,6 @@ class WeightExporter(DirectTransport):
         self._arena: dict[str, Tensor] | None = None  # {}: tried, not possible here
         self._arena_seen: dict[int, int] = {}
         self._arena_need: dict[int, int] = {}
-        self._arena_posts: list[tuple[Any, Tensor]] = []
 
     # ---------------------------------------------------------------- metadata (collective, cached)
     def _skip(self, local_name: str) -> bool:
@@ -374,12 +373,7 @@ class WeightExporter(DirectTransport):
             full: Tensor | None = None
             owner = pp_ranks[meta.stage]
             if meta.stage == stage:
-                name, gathered = next(local)
-                if name != meta.name:
-                    raise RuntimeError(f"WeightExporter: stage {stage} yielded {name!r}, expected {meta.name!r}")
-                self._note_finite(index, gathered)
-                full = gathered.to(self.dtype).contiguous()
-                self._note_alive(_nbytes(full))
+                full = self._checked_shard(index, meta, local, stage)
                 for dst in dsts:
                     if dst != me:
                         sends.append((dist.isend(full, dst=dst), full))
