@@ -239,6 +239,16 @@ def _counting_get(reader: SafetensorsReader) -> tuple[Callable[[str], Tensor], C
     return get, lambda: nbytes[0]
 
 
+def _param_from_hf(name: str, param: Tensor, get: Callable[[str], Tensor], config: Any, role: str, args: Any,
+                   tp: int, tp_rank: int) -> Tensor:
+    """This TP rank's slice for ``param`` (global name ``name``) from the HF tensors (the tied
+    output layer of a last stage at PP > 1 takes the word embedding)."""
+    full = hfm.megatron_tensor_from_hf(name, get, config, role, args)
+    if full is None:  # tied output layer on the last stage (PP > 1)
+        full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
+    return shard_for_rank(name, full, param, tp, tp_rank)
+
+
 def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config: Any, role: str) -> int:
     """Copy every parameter of this rank's stage from the HF tensors (TP slice; the tied output
     layer of a last stage at PP > 1 takes the word embedding). Returns the bytes read."""
@@ -254,11 +264,7 @@ def fill_stage_from_hf(model: torch.nn.Module, reader: SafetensorsReader, config
     args = model_args_from_hf(config)
     with torch.no_grad():
         for local, param in _progress(params, "hf -> megatron"):
-            name = global_name(local, offset)
-            full = hfm.megatron_tensor_from_hf(name, get, config, role, args)
-            if full is None:  # tied output layer on the last stage (PP > 1)
-                full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
-            param.copy_(shard_for_rank(name, full, param, tp, tp_rank))
+            param.copy_(_param_from_hf(global_name(local, offset), param, get, config, role, args, tp, tp_rank))
     return read()
 
 
@@ -290,21 +296,14 @@ def hf_sharded_state_dict(model: torch.nn.Module, reader: SafetensorsReader, con
             continue
         name, param = global_name(key, offset), params[key]
         if isinstance(sh, ShardedTensorFactory) and is_fused_fc1(name):
-            sources, _ = hfm.hf_sources(name, config, role, args)
-            halves = []
-            for src in sources:
-                t = get(src)
-                if tuple(t.shape) != hfm.hf_shape(src, args, role):
-                    raise hfm.MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hfm.hf_shape(src, args, role)}")
-                halves.append(t.chunk(tp, dim=int(param.partition_dim))[tp_rank] if tp > 1 and is_tp_sharded(param) else t)
+            gate_up, _ = hfm.hf_parts(name, get, config, role, args)
+            halves = [t.chunk(tp, dim=int(param.partition_dim))[tp_rank] if tp > 1 and is_tp_sharded(param) else t
+                      for t in gate_up]
             state[key] = [with_data(part, half) for part, half in zip(sh.build(), halves)]  # [gate, up]
             continue
         if not isinstance(sh, ShardedTensor):
             raise ConversionError(f"cannot save {key!r}: megatron-core describes it as {type(sh).__name__}")
-        full = hfm.megatron_tensor_from_hf(name, get, config, role, args)
-        if full is None:  # tied output layer on the last stage (PP > 1)
-            full = hfm.megatron_tensor_from_hf("embedding.word_embeddings.weight", get, config, role, args)
-        state[key] = with_data(sh, shard_for_rank(name, full, param, tp, tp_rank))
+        state[key] = with_data(sh, _param_from_hf(name, param, get, config, role, args, tp, tp_rank))
     return state, read()
 
 
@@ -498,12 +497,7 @@ def _hf_tensors(t: StoredTensor, loaded: dict[str, Tensor], config: Any, role: s
     if not is_fused_fc1(t.name):
         return hfm.megatron_to_hf_tensors(t.name, loaded[t.name], config, role, args)
     sources, _ = hfm.hf_sources(t.name, config, role, args)
-    parts = [loaded[f"{t.name}#gate"], loaded[f"{t.name}#up"]]
-    for src, part in zip(sources, parts):
-        if tuple(part.shape) != hfm.hf_shape(src, args, role):
-            raise hfm.MappingError(f"Megatron tensor {t.name!r} has shape {t.shape}: does not fit {src!r} "
-                                   f"{hfm.hf_shape(src, args, role)}")
-    return list(zip(sources, parts))
+    return hfm.named_hf_parts(t.name, t.shape, sources, [loaded[f"{t.name}#gate"], loaded[f"{t.name}#up"]], args, role)
 
 
 def read_stage_hf_tensors(megatron_dir: str, config: Any, role: str, dtype: torch.dtype,

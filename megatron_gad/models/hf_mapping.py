@@ -246,15 +246,9 @@ def megatron_tensor_from_hf(
     config's :func:`model_args_from_hf` (a loop over every tensor passes it, deriving it once).
     """
     args = args or model_args_from_hf(hf_config)
-    sources, how = hf_sources(name, hf_config, role, args)
+    parts, how = hf_parts(name, get, hf_config, role, args)
     if how == "none":
         return None
-    parts = []
-    for src in sources:
-        t = get(src)
-        if tuple(t.shape) != hf_shape(src, args, role):
-            raise MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hf_shape(src, args, role)}")
-        parts.append(t)
     if how == "qkv":
         return fuse_qkv(*parts, args)
     if how == "cat":
@@ -262,6 +256,23 @@ def megatron_tensor_from_hf(
     if how == "vocab":
         return pad_vocab(parts[0], args)
     return parts[0]
+
+
+def hf_parts(name: str, get: Callable[[str], Tensor], hf_config: Any, role: str,
+             args: ModelArgs) -> tuple[list[Tensor], str]:
+    """The HF tensors global Megatron tensor ``name`` is built from, fetched with ``get`` and
+    each checked against its shape from the config (MappingError naming the HF tensor), and
+    the combine rule (:func:`hf_sources`; ``none``: no tensors)."""
+    sources, how = hf_sources(name, hf_config, role, args)
+    if how == "none":
+        return [], how
+    parts = []
+    for src in sources:
+        t = get(src)
+        if tuple(t.shape) != hf_shape(src, args, role):
+            raise MappingError(f"tensor {src!r} has shape {tuple(t.shape)}, expected {hf_shape(src, args, role)}")
+        parts.append(t)
+    return parts, how
 
 
 def hf_to_megatron_state(
@@ -331,10 +342,17 @@ def megatron_to_hf_tensors(
         parts = [_checked(name, full, args.padded_vocab)[: args.vocab]]
     else:
         parts = [full]
+    return named_hf_parts(name, tuple(full.shape), sources, parts, args, role)
+
+
+def named_hf_parts(name: str, shape: tuple[int, ...], sources: list[str], parts: list[Tensor], args: ModelArgs,
+                   role: str) -> list[tuple[str, Tensor]]:
+    """``[(hf_name, part)]`` of the Megatron tensor ``name`` (of ``shape``) split into ``parts``,
+    each checked against its HF shape from the config (MappingError naming both)."""
     for src, t in zip(sources, parts):
         if tuple(t.shape) != hf_shape(src, args, role):
             raise MappingError(
-                f"Megatron tensor {name!r} has shape {tuple(full.shape)}: does not fit {src!r} {hf_shape(src, args, role)}"
+                f"Megatron tensor {name!r} has shape {tuple(shape)}: does not fit {src!r} {hf_shape(src, args, role)}"
             )
     return list(zip(sources, parts))
 
